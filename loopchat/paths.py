@@ -16,7 +16,8 @@ def data_dir() -> Path:
 
 
 def model_cache_dir() -> Path:
-    return home() / "models"
+    """Converted GGUF checkpoints; LOOPCHAT_MODEL_CACHE moves it on its own (tests share it)."""
+    return Path(os.environ.get("LOOPCHAT_MODEL_CACHE", home() / "models")).expanduser()
 
 
 def default_db_url() -> str:

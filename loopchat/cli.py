@@ -1,0 +1,108 @@
+"""`loopchat`: one command, one subcommand per stage. Imports are lazy so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loopchat import __version__
+from loopchat.config import ConfigError, add_config_args, resolve_config
+
+
+def cmd_chat(args) -> int:
+    from loopchat.chat import ChatConfig, run_chat
+
+    return run_chat(resolve_config(ChatConfig, args))
+
+
+def cmd_model_convert(args) -> int:
+    from loopchat import models
+
+    r = models.resolve_spec(args.spec)
+    print(r.path)
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    from loopchat import models
+
+    model, tok = models.load(args.spec)
+    info = model.loopchat_load_info
+    n = sum(p.numel() for p in model.parameters())
+    print(f"spec:       {info['spec']}\npath:       {info['path']}\nparameters: {n / 1e6:.1f}M\n"
+          f"dtype:      {next(model.parameters()).dtype}\nload time:  {info['seconds']:.2f}s{' (converted GGUF)' if info['converted'] else ''}\n"
+          f"eos / pad:  {tok.eos_token!r} / {tok.pad_token!r}\ncontext:    {getattr(model.config, 'max_position_embeddings', '?')}")
+    return 0
+
+
+def cmd_data_import(args) -> int:
+    from loopchat.data.formats import import_file
+    from loopchat.data.store import Store
+
+    store = Store(args.db)
+    user_id = store.user(args.user, role="trainer") if args.user else None
+    stats = import_file(store, args.file, args.format, user_id=user_id)
+    print(f"imported {stats.conversations} conversations, {stats.messages} messages, {stats.rankings} rankings from {args.file} into {store.url}")
+    return 0
+
+
+def cmd_data_export(args) -> int:
+    from loopchat.data.formats import export_file
+    from loopchat.data.store import Store
+
+    store = Store(args.db)
+    n = export_file(store, args.file, args.format)
+    print(f"wrote {n} lines of {args.format} to {args.file}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loopchat", description="Build, align and serve your own assistant: SFT -> reward model -> PPO -> chat.")
+    ap.add_argument("--version", action="version", version=f"loopchat {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from loopchat.chat import ChatConfig
+
+    p = sub.add_parser("chat", help="multi-turn terminal chat (streaming, /regen, /reset, /quit); saved in the store")
+    add_config_args(p, ChatConfig)
+    p.set_defaults(func=cmd_chat)
+
+    pm = sub.add_parser("model", help="load, convert and inspect models").add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p = pm.add_parser("convert", help="convert a GGUF (or 'default') once into a cached safetensors checkpoint; prints its folder")
+    p.add_argument("spec", help="'default' or a path to a .gguf file")
+    p.set_defaults(func=cmd_model_convert)
+    p = pm.add_parser("info", help="load a model spec and print what it is")
+    p.add_argument("spec", nargs="?", default="default", help="model spec (default: the embedded SmolLM2-135M-Instruct)")
+    p.set_defaults(func=cmd_model_info)
+
+    pd = sub.add_parser("data", help="import and export datasets").add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    fmts = "messages, preference, ranking, hh-rlhf, oasst, ultrafeedback"
+    p = pd.add_parser("import", help=f"import a dataset file into the store in one transaction ({fmts})")
+    p.add_argument("file", type=Path)
+    p.add_argument("--format", default=None, help=f"one of {fmts} (default: detected from the first record)")
+    p.add_argument("--db", default=None, help="store URL (default: SQLite under $LOOPCHAT_HOME/data)")
+    p.add_argument("--user", default=None, help="attribute the data to this trainer")
+    p.set_defaults(func=cmd_data_import)
+    p = pd.add_parser("export", help="export the store as messages, preference or ranking JSONL")
+    p.add_argument("file", type=Path)
+    p.add_argument("--format", required=True, choices=["messages", "preference", "ranking"])
+    p.add_argument("--db", default=None, help="store URL (default: SQLite under $LOOPCHAT_HOME/data)")
+    p.set_defaults(func=cmd_data_export)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, LookupError, FileNotFoundError) as e:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"loopchat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
