@@ -57,6 +57,13 @@ def cmd_data_export(args) -> int:
     return 0
 
 
+def cmd_eval_behaviours(args) -> int:
+    from loopchat.evaluate.behaviours import BehavioursConfig, run_behaviours
+
+    run_behaviours(resolve_config(BehavioursConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loopchat", description="Build, align and serve your own assistant: SFT -> reward model -> PPO -> chat.")
     ap.add_argument("--version", action="version", version=f"loopchat {__version__}")
@@ -89,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["messages", "preference", "ranking"])
     p.add_argument("--db", default=None, help="store URL (default: SQLite under $LOOPCHAT_HOME/data)")
     p.set_defaults(func=cmd_data_export)
+
+    from loopchat.evaluate.behaviours import BehavioursConfig
+
+    pe = sub.add_parser("eval", help="evaluate models").add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    p = pe.add_parser("behaviours", help="score the seed's behaviours (follow-ups, false premises, refusals, ...) side by side")
+    add_config_args(p, BehavioursConfig)
+    p.set_defaults(func=cmd_eval_behaviours)
     return ap
 
 

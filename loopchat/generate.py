@@ -131,12 +131,57 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
-class Generator:
-    """Batched sampling for one model. `max_context` defaults to the model's own limit."""
+class _HFEngine:
+    """The model's own forward with transformers' DynamicCache: any architecture, any device."""
 
-    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, max_context: int | None = None):
+    def __init__(self, model):
+        self.model, self.cache = model, DynamicCache()
+
+    def forward(self, input_ids, attn, pos):
+        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def select_rows(self, keep):
+        self.cache.batch_select_indices(keep)
+
+
+class _FastEngine:
+    """loopchat.fastdecode on CPU for Llama-family models (bf16, static cache)."""
+
+    def __init__(self, fast, batch: int, max_len: int):
+        self.fast = fast
+        fast.reset(batch, max_len)
+
+    def forward(self, input_ids, attn, pos):
+        return self.fast.forward(input_ids, pos, attn.bool())
+
+    def select_rows(self, keep):
+        self.fast.select_rows(keep)
+
+
+class Generator:
+    """Batched sampling for one model. `max_context` defaults to the model's own limit.
+
+    backend: "auto" uses loopchat.fastdecode (bf16, ~2x faster) for Llama-family models on
+    CPU and the transformers forward otherwise; "hf" forces transformers; "fast" insists on
+    the fast decoder. After training the model in place, call refresh() so the fast decoder
+    picks up the new weights.
+    """
+
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, max_context: int | None = None,
+                 backend: str = "auto", fast_dtype: torch.dtype | None = None):
+        from loopchat import fastdecode
+
         self.model = model
         self.tok = tok
+        if backend not in ("auto", "hf", "fast"):
+            raise ValueError(f"backend must be auto, hf or fast, got {backend!r}")
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        use_fast = backend == "fast" or (backend == "auto" and on_cpu and fastdecode.supports(model))
+        if use_fast and not on_cpu:
+            raise ValueError("the fast backend runs on CPU; use backend='hf' on GPU")
+        self.fast = fastdecode.FastLlama(model, dtype=fast_dtype or fastdecode.default_dtype()) if use_fast else None
+        self.backend = "fast" if use_fast else "hf"
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", 2048)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -144,6 +189,11 @@ class Generator:
         self.eos_ids = sorted(i for i in eos_ids if i is not None)
         if tok.pad_token_id is None or tok.pad_token_id in self.eos_ids:
             raise ValueError("tokenizer needs a pad token distinct from EOS (load it through loopchat.models.load)")
+
+    def refresh(self) -> None:
+        """Reload the fast decoder's weights from the (trained) model."""
+        if self.fast is not None:
+            self.fast.load_weights(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -193,9 +243,9 @@ class Generator:
         input_ids, attn = input_ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         rows = torch.arange(B, device=dev)
-        cache = DynamicCache()
         eos = torch.tensor(self.eos_ids, device=dev)
-        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        engine = self._engine(B, L + p.max_new_tokens)
+        logits = engine.forward(input_ids, attn, pos)
         next_pos = pos[:, -1:] + 1
         for _ in range(p.max_new_tokens):
             tokens, lps = sample_next(logits, p, gen)
@@ -206,12 +256,15 @@ class Generator:
             if done.any():
                 keep = (~done).nonzero()[:, 0]
                 rows, tokens, attn, next_pos = rows[keep], tokens[keep], attn[keep], next_pos[keep]
-                cache.batch_select_indices(keep)
+                engine.select_rows(keep)
             attn = torch.cat([attn, attn.new_ones((attn.size(0), 1))], dim=1)
-            logits = self.model(
-                input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True
-            ).logits[:, -1]
+            logits = engine.forward(tokens[:, None], attn, next_pos)
             next_pos = next_pos + 1
+
+    def _engine(self, batch: int, max_len: int):
+        if self.fast is not None:
+            return _FastEngine(self.fast, batch, max_len)
+        return _HFEngine(self.model)
 
     def generate(self, prompts: Sequence[list[dict] | list[int] | str], params: SamplingParams | None = None) -> list[list[Completion]]:
         """Sample params.num_samples completions for each prompt: result[i][k]."""

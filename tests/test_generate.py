@@ -14,10 +14,13 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gen(tiny):
+@pytest.fixture(scope="module", params=["hf", "fast"])
+def gen(tiny, request):
+    """Both backends; the fast decoder in fp32 so it must agree with transformers exactly."""
     model, tok = tiny
-    return Generator(model, tok)
+    g = Generator(model, tok, backend=request.param, fast_dtype=torch.float32)
+    assert g.backend == request.param
+    return g
 
 
 def test_batched_greedy_equals_each_prompt_alone(gen):
