@@ -31,6 +31,7 @@ class SamplingParams:
     stop: Sequence[str] = ()
     seed: int | None = None
     num_samples: int = 1  # K completions per prompt
+    ignore_eos: bool = False  # keep going past EOS (benchmarks: a fixed number of tokens)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -243,7 +244,7 @@ class Generator:
         input_ids, attn = input_ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         rows = torch.arange(B, device=dev)
-        eos = torch.tensor(self.eos_ids, device=dev)
+        eos = torch.tensor([] if p.ignore_eos else self.eos_ids, dtype=torch.long, device=dev)
         engine = self._engine(B, L + p.max_new_tokens)
         logits = engine.forward(input_ids, attn, pos)
         next_pos = pos[:, -1:] + 1
@@ -283,7 +284,7 @@ class Generator:
         texts: list[str | None] = [None] * len(rows)
         reasons = ["length"] * len(rows)
         stopper = StopChecker(p.stop)
-        eos = set(self.eos_ids)
+        eos = set() if p.ignore_eos else set(self.eos_ids)
 
         def on_tokens(row_ids: torch.Tensor, tokens: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
             done = torch.zeros(len(row_ids), dtype=torch.bool, device=tokens.device)
@@ -324,7 +325,7 @@ class Generator:
         self._check_length(ids, p, 0)
         dec = IncrementalDecoder(self.tok)
         stopper = StopChecker(p.stop)
-        eos = set(self.eos_ids)
+        eos = set() if p.ignore_eos else set(self.eos_ids)
         state = {"text": "", "sent": 0, "stopped": False}
 
         def on_tokens(row_ids, tokens, lps):

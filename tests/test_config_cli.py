@@ -99,3 +99,21 @@ def test_terminal_chat_as_a_subprocess(tiny_dir, tmp_path):
     # /regen made a sibling of the last reply: two assistant children of the same user message
     assert len([c for c in store.children(second_user.id) if c.role == "assistant"]) == 2
     store.close()
+
+
+def test_data_import_and_export_through_the_cli(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    assert main(["data", "import", str(bad), "--db", db]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl line 2" in err and "role" in err
+    assert main(["data", "import", str(good), "--db", db, "--user", "trainer1"]) == 0
+    assert "imported 1 conversations, 2 messages" in capsys.readouterr().out
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "export", str(out), "--format", "messages", "--db", db]) == 0
+    import json
+
+    assert json.loads(out.read_text())["messages"][1] == {"role": "assistant", "content": "Hello!"}
