@@ -57,6 +57,14 @@ def cmd_data_export(args) -> int:
     return 0
 
 
+def cmd_train_sft(args) -> int:
+    from loopchat.train.sft import SFTConfig, run_sft
+
+    run = run_sft(resolve_config(SFTConfig, args))
+    print(f"run folder: {run}")
+    return 0
+
+
 def cmd_eval_behaviours(args) -> int:
     from loopchat.evaluate.behaviours import BehavioursConfig, run_behaviours
 
@@ -96,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["messages", "preference", "ranking"])
     p.add_argument("--db", default=None, help="store URL (default: SQLite under $LOOPCHAT_HOME/data)")
     p.set_defaults(func=cmd_data_export)
+
+    from loopchat.train.sft import SFTConfig
+
+    pt = sub.add_parser("train", help="the three training stages").add_subparsers(dest="train_command", metavar="STAGE", required=True)
+    p = pt.add_parser("sft", help="step 1: supervised fine-tuning on demonstrations (loss on assistant turns only)")
+    add_config_args(p, SFTConfig)
+    p.set_defaults(func=cmd_train_sft)
 
     from loopchat.evaluate.behaviours import BehavioursConfig
 
