@@ -211,14 +211,18 @@ class Generator:
             return apply_chat_template(self.tok, prompt)
         raise TypeError(f"a prompt must be a list of messages, a list of token ids or a string, got {type(prompt).__name__}")
 
-    def _check_length(self, ids: list[int], p: SamplingParams, index: int) -> None:
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        if len(ids) + p.max_new_tokens > self.max_context:
-            raise ValueError(
-                f"prompt {index} is {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds "
-                f"the model's context of {self.max_context} tokens: shorten the prompt or max_new_tokens"
-            )
+    def _encode_all(self, prompts, p: SamplingParams) -> list[list[int]]:
+        """Encode prompts and check each fits the context with its reply budget."""
+        enc = [self.encode(x) for x in prompts]
+        for index, ids in enumerate(enc):
+            if not ids:
+                raise ValueError(f"prompt {index} is empty")
+            if len(ids) + p.max_new_tokens > self.max_context:
+                raise ValueError(
+                    f"prompt {index} is {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds "
+                    f"the model's context of {self.max_context} tokens: shorten the prompt or max_new_tokens"
+                )
+        return enc
 
     # ---- the decoding loop -----------------------------------------------------------------
     @torch.inference_mode()
@@ -275,15 +279,17 @@ class Generator:
             raise TypeError("prompts must be a list of prompts (each a list of messages, token ids or a string)")
         if not prompts:
             return []
-        enc = [self.encode(x) for x in prompts]
-        for i, ids in enumerate(enc):
-            self._check_length(ids, p, i)
+        enc = self._encode_all(prompts, p)
         rows = [ids for ids in enc for _ in range(p.num_samples)]  # K copies of each prompt, adjacent
         out_ids: list[list[int]] = [[] for _ in rows]
         out_lps: list[list[float]] = [[] for _ in rows]
         texts: list[str | None] = [None] * len(rows)
         reasons = ["length"] * len(rows)
         stopper = StopChecker(p.stop)
+        # with stop strings, each row's text grows through an IncrementalDecoder, so a step
+        # decodes a few tokens instead of the whole reply again
+        decoders = [IncrementalDecoder(self.tok) for _ in rows] if stopper.stops else []
+        partial = [""] * len(rows)
         eos = set() if p.ignore_eos else set(self.eos_ids)
 
         def on_tokens(row_ids: torch.Tensor, tokens: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
@@ -295,10 +301,10 @@ class Generator:
                 out_ids[r].append(t)
                 out_lps[r].append(lp)
                 if stopper.stops:
-                    text = self.tok.decode(out_ids[r], skip_special_tokens=True)
-                    cut = stopper.find(text)
+                    partial[r] += decoders[r].push(t)
+                    cut = stopper.find(partial[r])
                     if cut >= 0:
-                        texts[r], reasons[r] = text[:cut], "stop"
+                        texts[r], reasons[r] = partial[r][:cut], "stop"
                         done[j] = True
             return done
 
@@ -321,8 +327,7 @@ class Generator:
         p.validate()
         if p.num_samples != 1:
             raise ValueError("stream() produces one completion; use generate() for num_samples > 1")
-        ids = self.encode(prompt)
-        self._check_length(ids, p, 0)
+        ids = self._encode_all([prompt], p)[0]
         dec = IncrementalDecoder(self.tok)
         stopper = StopChecker(p.stop)
         eos = set() if p.ignore_eos else set(self.eos_ids)
