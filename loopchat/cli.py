@@ -65,6 +65,43 @@ def cmd_train_sft(args) -> int:
     return 0
 
 
+def cmd_train_rm(args) -> int:
+    from loopchat.train.reward import RMConfig, run_rm
+
+    run = run_rm(resolve_config(RMConfig, args))
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_train_ppo(args) -> int:
+    from loopchat.train.ppo import PPOConfig, run_ppo
+
+    run = run_ppo(resolve_config(PPOConfig, args))
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_rm_score(args) -> int:
+    from loopchat.evaluate.rm import score_file
+
+    score_file(args.reward, args.data, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_eval_rm(args) -> int:
+    from loopchat.evaluate.rm import RMEvalConfig, run_eval_rm
+
+    run_eval_rm(resolve_config(RMEvalConfig, args))
+    return 0
+
+
+def cmd_eval_winrate(args) -> int:
+    from loopchat.evaluate.winrate import WinRateConfig, run_winrate
+
+    run_winrate(resolve_config(WinRateConfig, args))
+    return 0
+
+
 def cmd_eval_behaviours(args) -> int:
     from loopchat.evaluate.behaviours import BehavioursConfig, run_behaviours
 
@@ -111,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = pt.add_parser("sft", help="step 1: supervised fine-tuning on demonstrations (loss on assistant turns only)")
     add_config_args(p, SFTConfig)
     p.set_defaults(func=cmd_train_sft)
+    from loopchat.train.reward import RMConfig
+
+    p = pt.add_parser("rm", help="step 2: reward model from rankings of K replies (all K-choose-2 pairs, InstructGPT's loss)")
+    add_config_args(p, RMConfig)
+    p.set_defaults(func=cmd_train_rm)
+    from loopchat.train.ppo import PPOConfig
+
+    p = pt.add_parser("ppo", help="step 3: PPO from the SFT checkpoint against the reward model (per-token KL penalty to the SFT model)")
+    add_config_args(p, PPOConfig)
+    p.set_defaults(func=cmd_train_ppo)
+
+    pr = sub.add_parser("rm", help="use a reward model").add_subparsers(dest="rm_command", metavar="ACTION", required=True)
+    p = pr.add_parser("score", help="print the reward of every reply in a file (JSON lines: reward = raw - offset)")
+    p.add_argument("--reward", required=True, help="reward model: an rm run folder or checkpoint")
+    p.add_argument("--data", required=True, help="ranking, preference or messages file")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_rm_score)
 
     from loopchat.evaluate.behaviours import BehavioursConfig
 
@@ -118,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = pe.add_parser("behaviours", help="score the seed's behaviours (follow-ups, false premises, refusals, ...) side by side")
     add_config_args(p, BehavioursConfig)
     p.set_defaults(func=cmd_eval_behaviours)
+    from loopchat.evaluate.rm import RMEvalConfig
+
+    p = pe.add_parser("rm", help="held-out pairwise accuracy (per category) and a calibration plot of a reward model")
+    add_config_args(p, RMEvalConfig)
+    p.set_defaults(func=cmd_eval_rm)
+    from loopchat.evaluate.winrate import WinRateConfig
+
+    p = pe.add_parser("winrate", help="new model vs baseline on held-out prompts, judged by the reward model; KL, length, diversity")
+    add_config_args(p, WinRateConfig)
+    p.set_defaults(func=cmd_eval_winrate)
     return ap
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "export_file",
     "to_messages",
     "sft_messages",
+    "ranking_rows",
 ]
 
 
@@ -772,6 +773,12 @@ def _write_ranking(rec: ConversationRecord) -> Iterator[dict]:
         level = {i: g for g, group in enumerate(r.groups) for i in group}
         ids = sorted(level, key=order.__getitem__)  # keep the responses in the record's order
         yield {"prompt": prompt, "responses": [by_id[i].content for i in ids], "ranks": [level[i] for i in ids], **extra}
+
+
+def ranking_rows(rec: ConversationRecord) -> Iterator[dict]:
+    """Each response ranking of a record as ``{"prompt", "responses", "ranks", ...meta}``:
+    the reward model's view of any source (ranking files, preference pairs, OASST, the store)."""
+    return _write_ranking(rec)
 
 
 _WRITERS: dict[str, Callable[[ConversationRecord], Iterator[dict]]] = {

@@ -550,10 +550,14 @@ class Trainer:
     def checkpoint_info(self) -> dict:
         return {"kind": self.kind, "step": self.step, "base_model": self.base_spec, "run": str(self.run_dir)}
 
+    def export_model(self):
+        """The Hugging Face model that checkpoints hold (a subclass that wraps it says which)."""
+        return self.accelerator.unwrap_model(self.model)
+
     def save_checkpoint(self, name: str) -> Path:
         path = self.run_dir / name
         if self.is_main:
-            save_hf_checkpoint(self.accelerator.unwrap_model(self.model), self.tokenizer, path, self.checkpoint_info())
+            save_hf_checkpoint(self.export_model(), self.tokenizer, path, self.checkpoint_info())
             if name.startswith("checkpoint-") and self.cfg.save_total_limit:
                 ckpts = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
                 for old in ckpts[: -self.cfg.save_total_limit]:
