@@ -95,6 +95,13 @@ def cmd_eval_rm(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from loopchat.demo import DemoConfig, run_demo
+
+    run_demo(resolve_config(DemoConfig, args))
+    return 0
+
+
 def cmd_eval_winrate(args) -> int:
     from loopchat.evaluate.winrate import WinRateConfig, run_winrate
 
@@ -182,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = pe.add_parser("winrate", help="new model vs baseline on held-out prompts, judged by the reward model; KL, length, diversity")
     add_config_args(p, WinRateConfig)
     p.set_defaults(func=cmd_eval_winrate)
+    from loopchat.demo import DemoConfig
+
+    p = sub.add_parser("demo", help="the whole recipe on the embedded model: SFT -> reward model -> PPO -> side-by-side evaluation (~15 min on 2 cores)")
+    add_config_args(p, DemoConfig)
+    p.set_defaults(func=cmd_demo)
     return ap
 
 

@@ -106,6 +106,24 @@ def latest_run(kind: str) -> Path | None:
     return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
 
 
+def jsonl_files(entries: list[str], default: Path, what: str) -> list[Path]:
+    """Files to read: each entry a file or a folder of *.jsonl / *.jsonl.gz; none = `default`
+    (a stage's bundled set). `what` names the data in the error."""
+    paths = [Path(d).expanduser() for d in entries] or [default]
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")])
+            if not found:
+                raise FileNotFoundError(f"{p}: folder has no *.jsonl files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{what} not found: {p}")
+    return files
+
+
 def split_eval(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
     """Seeded train/eval split. At least one eval item when fraction > 0 and there are >= 2 items."""
     n = len(items)

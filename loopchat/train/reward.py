@@ -41,7 +41,7 @@ from pydantic import Field
 from loopchat import models
 from loopchat.data.formats import ranking_rows, read_file, sft_messages
 from loopchat.data.records import RankingRecord
-from loopchat.train.loop import Trainer, TrainConfig, is_main_process, split_eval, to_device
+from loopchat.train.loop import Trainer, TrainConfig, is_main_process, jsonl_files, split_eval, to_device
 
 BUNDLED_COMPARISONS = Path(__file__).resolve().parent.parent / "data" / "bundled" / "comparisons"
 OFFSET_KEY = "loopchat_reward_offset"
@@ -217,14 +217,8 @@ def rows_to_items(tok, rows, max_seq_len: int, summary: RMDataSummary, source: s
 
 
 def data_files(data: list[str]) -> list[Path]:
-    from loopchat.train.sft import data_files as _files
-
-    if not data:
-        files = sorted(BUNDLED_COMPARISONS.glob("*.jsonl"))
-        if not files:
-            raise FileNotFoundError(f"no bundled comparison files in {BUNDLED_COMPARISONS}")
-        return files
-    return _files(data)
+    """Ranking/preference files or folders; none = the bundled comparison set."""
+    return jsonl_files(data, BUNDLED_COMPARISONS, "reward-model data")
 
 
 def thumbs_rankings(records, feedback) -> list:

@@ -53,25 +53,19 @@ def _prompt_from(messages, where: str) -> list[dict]:
 
 def prompt_files(paths: list[str]) -> list[Path]:
     """Files to read: each entry a file or a folder of *.jsonl; none = the bundled prompts."""
-    entries = [Path(p).expanduser() for p in paths] or [BUNDLED_PROMPTS]
-    out: list[Path] = []
-    for p in entries:
-        if p.is_dir():
-            found = sorted(p.glob("*.jsonl"))
-            if not found:
-                raise FileNotFoundError(f"{p}: folder has no *.jsonl prompt files")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"PPO prompts not found: {p}")
-    return out
+    from loopchat.train.loop import jsonl_files
+
+    return jsonl_files(paths, BUNDLED_PROMPTS, "PPO prompts")
 
 
 def read_prompts(path: Path) -> list[dict]:
     """{"id", "category", "messages"} per line; a line without a user turn is skipped."""
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    import gzip
+
+    path = Path(path)
+    text = gzip.open(path, "rt").read() if path.name.endswith(".gz") else path.read_text()
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"

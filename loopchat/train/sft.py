@@ -28,7 +28,7 @@ from pydantic import Field
 
 from loopchat import models
 from loopchat.data.formats import read_file, sft_messages
-from loopchat.train.loop import Trainer, TrainConfig, is_main_process, split_eval
+from loopchat.train.loop import Trainer, TrainConfig, is_main_process, jsonl_files, split_eval
 
 IGNORE = -100
 BUNDLED_DEMOS = Path(__file__).resolve().parent.parent / "data" / "bundled" / "demos"
@@ -123,19 +123,7 @@ def tokenize_conversation(tok, messages: list[dict], max_seq_len: int | None = N
 
 def data_files(data: list[str]) -> list[Path]:
     """Files to read: each entry a file or a folder of *.jsonl / *.jsonl.gz; none = bundled demos."""
-    entries = [Path(d).expanduser() for d in data] or [BUNDLED_DEMOS]
-    files: list[Path] = []
-    for p in entries:
-        if p.is_dir():
-            found = sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")])
-            if not found:
-                raise FileNotFoundError(f"{p}: folder has no *.jsonl files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"SFT data not found: {p}")
-    return files
+    return jsonl_files(data, BUNDLED_DEMOS, "SFT data")
 
 
 @dataclass
