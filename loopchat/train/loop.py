@@ -576,12 +576,16 @@ class Trainer:
         path = self.run_dir / name
         if self.is_main:
             save_hf_checkpoint(self.export_model(), self.tokenizer, path, self.checkpoint_info())
-            if name.startswith("checkpoint-") and self.cfg.save_total_limit:
-                ckpts = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-                for old in ckpts[: -self.cfg.save_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self.prune_checkpoints(name)
         self.accelerator.wait_for_everyone()
         return path
+
+    def prune_checkpoints(self, name: str) -> None:
+        """After writing `name`: keep only the newest save_total_limit checkpoint-<step> folders."""
+        if name.startswith("checkpoint-") and self.cfg.save_total_limit:
+            ckpts = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in ckpts[: -self.cfg.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def save(self) -> None:
         """checkpoint-<step>/ + state/ + plots."""

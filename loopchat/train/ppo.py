@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -364,10 +363,7 @@ class PPOTrainer(Trainer):
             save_hf_checkpoint(self.export_model(), self.tokenizer, stage, self.checkpoint_info())
             save_hf_checkpoint(self.parts().value, self.tokenizer, stage / "value", {**self.checkpoint_info(), "kind": "ppo-value"})
             _publish_dir(stage, path)
-            if name.startswith("checkpoint-") and self.cfg.save_total_limit:
-                ckpts = sorted(self.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-                for old in ckpts[: -self.cfg.save_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self.prune_checkpoints(name)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -429,7 +425,7 @@ class PPOTrainer(Trainer):
                         ref_logits = response_logits(pv.policy, b)
                 if self.reward_model is not None:
                     sc = rm.token_scores(self.reward_model, b["input_ids"], b["attention_mask"], b["position_ids"])
-                    out["raw"][rows] = sc.gather(1, rm.last_token_index(b["attention_mask"])[:, None])[:, 0].float().cpu()
+                    out["raw"][rows] = rm.gather_last(sc, b["attention_mask"]).float().cpu()
             out["old_logp"][rows, :r] = logprobs_from_logits(logits, b["response"], T).cpu()
             out["ref_logp"][rows, :r] = logprobs_from_logits(ref_logits, b["response"], T).cpu()
             out["entropy"][rows, :r] = entropy_from_logits(logits, T).cpu()

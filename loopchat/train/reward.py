@@ -292,9 +292,9 @@ def pairwise_loss(r_better: torch.Tensor, r_worse: torch.Tensor) -> torch.Tensor
 
 def rm_loss(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
     r = model(batch["input_ids"], batch["attention_mask"]).float()
-    diff = r[batch["better"]] - r[batch["worse"]]
-    loss = pairwise_loss(r[batch["better"]], r[batch["worse"]])
-    d = diff.detach()
+    rb, rw = r[batch["better"]], r[batch["worse"]]
+    loss = pairwise_loss(rb, rw)
+    d = (rb - rw).detach()
     return loss, d.numel(), {"accuracy": float((d > 0).float().mean()), "margin": float(d.mean())}
 
 
