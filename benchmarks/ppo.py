@@ -93,14 +93,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from harness import eprint, in_subprocess, make_model, peak_mem, sync  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ALL_VARIANTS = ["full", "lora"]
@@ -127,25 +126,6 @@ PHASES = [
 COARSE = [("generate_s", "generate"), ("score_s", "score"), ("train_s", "train"), ("bookkeeping_s", "bookkeeping")]
 
 OPENRLHF_README = "https://github.com/OpenRLHF/OpenRLHF"
-
-
-def eprint(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def peak_mem(device: str) -> float:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
 # ----------------------------------------------------------------------------- the child: one variant
@@ -322,43 +302,6 @@ def child(variant: str, a: dict) -> dict:
 # ----------------------------------------------------------------------------- the parent
 
 
-def make_model(path: Path, shape: dict, bf16: bool) -> str:
-    """A randomly initialised Llama with the embedded model's real tokenizer (as in
-    tests/conftest.py's make_tiny_checkpoint), saved as a normal checkpoint folder; run_ppo
-    loads it as the policy and the reference, load_reward_model gives it a zero score head."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from loopchat import models
-
-    tok = models.load_tokenizer(models.resolve_spec("default").path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id, **shape)
-    hf_logging.disable_progress_bar()
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    if bf16:
-        model = model.to(torch.bfloat16)  # half the file; run_ppo loads it back as fp32 master weights
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def in_subprocess(variant: str, a: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(a["threads"]), "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-           "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, __file__, "--child", variant, json.dumps(a)], capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith("{"):
-            return json.loads(line)
-    err = proc.stderr.strip().splitlines()
-    eprint(f"  {variant}: FAILED (exit {proc.returncode}):\n    " + "\n    ".join(err[-15:]))
-    return {"variant": variant, "failed": True, "error": "\n".join(err[-5:])}
-
-
 def fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
@@ -450,7 +393,7 @@ def main() -> None:
                f"micro-steps; {a['ppo_epochs']} epochs; {a['threads']} threads; variants {', '.join(variants)}")
         for v in variants:
             t0 = time.perf_counter()
-            r = in_subprocess(v, a)
+            r = in_subprocess(__file__, v, a)
             rows.append(r)
             if not r.get("failed"):
                 eprint(f"  {v:5s} {r['mean']['wall_s']:8.2f} s/iteration  {r['samples_per_s']:7.3f} samples/s  "

@@ -64,36 +64,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from harness import add_mfu, autocast_probe, in_subprocess, make_model, matmul_params, peak_mem, sync  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-H100_BF16_PEAK = 989e12  # dense bf16 TFLOP/s of an H100 SXM
 ALL_VARIANTS = ["loopchat", "trl", "trl-packed", "trl-gc"]
 DEFAULT_VARIANTS = ["loopchat", "trl", "trl-packed"]
 
 
 # ----------------------------------------------------------------------------- shared by the children
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def peak_mem(device: str) -> float:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
 def load_model(a: dict):
@@ -161,29 +145,6 @@ def plan(tok, a: dict) -> dict:
 
     per_step = min(range(ga, 2 * len(order) // total + 2 * ga, ga), key=lambda c: abs(trl_tokens(c) - ours))
     return {"convs": convs, "rows": rows, "order": order, "trl_convs_per_step": per_step}
-
-
-def autocast_probe(model, device: str, seen: dict):
-    """Record, on the first training forward, whether a linear layer runs under autocast and
-    in which dtype its output comes out."""
-    import torch
-
-    lin = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
-
-    def hook(mod, inp, out):
-        if "autocast" not in seen and mod.training:
-            seen["autocast"] = torch.is_autocast_enabled(device)
-            seen["compute_dtype"] = str(out.dtype).replace("torch.", "")
-
-    return lin.register_forward_hook(hook)
-
-
-def matmul_params(model) -> int:
-    """Parameters that take part in matmuls (every nn.Linear, lm_head included even when tied;
-    not the embedding lookup) -- the N of 6*N flops per token."""
-    import torch
-
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 class Meter:
@@ -361,50 +322,11 @@ def child(variant: str, a: dict) -> dict:
     r = run_loopchat(a) if variant == "loopchat" else run_trl(a, variant)
     r.update(variant=variant, device=a["device"], threads=a["threads"])
     if a["device"] == "cuda":  # --- UNTESTED ---
-        # Model flops per step: 6*N per real token + attention 12*layers*d_model*n^2 per conversation
-        # of n tokens (PaLM's convention, no causal discount; padding and cross-conversation masked
-        # work are not counted as useful).
-        n = r["steps_timed"]
-        flops = 6 * r["n_matmul_params"] * r["real_tokens_per_step"] * n + 12 * r["n_layers"] * r["d_model"] * r["sumsq_per_step"] * n
-        r["model_tflops_per_s"] = flops / r["seconds"] / 1e12
-        r["mfu"] = flops / r["seconds"] / H100_BF16_PEAK
+        add_mfu(r)
     return r
 
 
 # ----------------------------------------------------------------------------- the parent
-
-
-def make_tiny(path: Path) -> str:
-    """A randomly initialised 2-layer Llama with the embedded model's real tokenizer (as in
-    tests/conftest.py's make_tiny_checkpoint)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loopchat import models
-
-    tok = models.load_tokenizer(models.resolve_spec("default").path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def in_subprocess(variant: str, a: dict) -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(a["threads"]), "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, __file__, "--child", variant, json.dumps(a)], capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith("{"):
-            return json.loads(line)
-    err = proc.stderr.strip().splitlines()
-    print(f"  {variant}: FAILED (exit {proc.returncode}):\n    " + "\n    ".join(err[-15:]), file=sys.stderr)
-    return {"variant": variant, "failed": True, "error": "\n".join(err[-5:])}
 
 
 def main() -> None:
@@ -444,7 +366,7 @@ def main() -> None:
     tmp = None
     if args.tiny and cpu:
         tmp = Path(tempfile.mkdtemp(prefix="bench-sft-tiny-"))
-        a["model"] = make_tiny(tmp)
+        a["model"] = make_model(tmp)
     label = "tiny random Llama (2 layers, d=64)" if args.tiny else (a["model"] if cpu else "random Llama-3.2-1B-shaped (UNTESTED path)")
     print(f"model: {label}; {a['steps']} timed steps after 1 warm-up; max_seq_len {a['max_seq_len']}; "
           f"loopchat {a['batch_size']} packed rows x {a['grad_accum']} micro-steps; {a['threads']} threads", file=sys.stderr)
@@ -452,7 +374,7 @@ def main() -> None:
     try:
         for v in args.variants:
             t0 = time.perf_counter()
-            r = in_subprocess(v, a)
+            r = in_subprocess(__file__, v, a)
             rows.append(r)
             if not r.get("failed"):
                 print(f"  {v:12s} {r['tokens_per_s']:9.1f} real tok/s  ({time.perf_counter() - t0:.0f} s incl. load)", file=sys.stderr)
@@ -466,10 +388,16 @@ def main() -> None:
 
     header = (f"device: cpu ({platform.processor() or platform.machine()}, {a['threads']} threads)" if cpu
               else f"device: {torch.cuda.get_device_name()}")
-    import transformers
-    import trl
+    import importlib.metadata
 
-    print(f"\n{header}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; model: {label}\n")
+    import transformers
+
+    try:
+        trl_version = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        trl_version = "not installed"
+
+    print(f"\n{header}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; model: {label}\n")
     ok = [r for r in rows if not r.get("failed")]
     base = next((r["tokens_per_s"] for r in ok if r["variant"] == "trl"), None)
     mfu = not cpu
@@ -491,7 +419,7 @@ def main() -> None:
     out = Path(args.out) if args.out else HERE / "results" / f"sft-{args.device}{'-tiny' if args.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": {**a, "model_label": label, "torch": torch.__version__,
-                                            "transformers": transformers.__version__, "trl": trl.__version__},
+                                            "transformers": transformers.__version__, "trl": trl_version},
                                "results": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
 

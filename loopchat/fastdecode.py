@@ -41,10 +41,9 @@ def default_dtype() -> torch.dtype:
     bf16 rounding can flip a near-tie in greedy decoding (it is sampling-level noise);
     pass dtype=torch.float32 where outputs must match transformers exactly (evaluation).
     """
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    except (AttributeError, RuntimeError):
-        return torch.float32
+    from loopchat.models import native_bf16
+
+    return torch.bfloat16 if native_bf16("cpu") else torch.float32
 
 
 class FastLlama:

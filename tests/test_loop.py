@@ -209,3 +209,16 @@ def test_default_run_folder_and_resume_latest(tmp_path, tiny_dir, monkeypatch):
     run = run_sft(cfg)
     assert run.parent == runs_dir() and run.name.startswith("sft-") and latest_run("sft") == run
     assert run_sft(cfg.model_copy(update={"resume": True})) == run
+
+
+def test_bf16_default_follows_the_hardware(monkeypatch):
+    """bf16 unset -> on only where it is native (emulated bf16 on an AVX2 CPU is >10x slower); set -> as given."""
+    import loopchat.models as models
+    from loopchat.train.loop import use_bf16
+
+    assert models.native_bf16("cuda") is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    for native in (True, False):
+        monkeypatch.setattr(models, "native_bf16", lambda device, native=native: native)
+        assert use_bf16(None, torch.device("cpu")) is native
+        assert use_bf16(True, torch.device("cpu")) is True
+        assert use_bf16(False, torch.device("cpu")) is False

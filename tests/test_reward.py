@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopchat.data.records import ConversationRecord, Node, RankingRecord
+from loopchat.data.records import ConversationRecord, Node
 from loopchat.train import reward as R
 
 

@@ -258,3 +258,57 @@ def test_lora_run_saves_merged_model(tmp_path, tiny_dir):
     assert cfg["use_cache"] is not False  # turned off for gradient checkpointing while training only
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- the bundled demonstrations
+
+
+# Words that say nothing about a prompt's topic; what is left decides whether two prompts match.
+_STOP = set("a an the i me my you your it its is are was were be do does did how what whats which who when where why "
+            "can could would should will to of in on at for with and or but so this that these those there here about "
+            "from by as if not no yes just please some any much many more most very really like get".split())
+
+
+def _norm(text: str) -> str:
+    import re
+
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower().replace("'", "").replace("\u2019", "")))
+
+
+def _same_prompt(a: str, b: str) -> bool:
+    """The same question reworded: identical once normalised (3+ words), or 75%+ shared topic words."""
+    na, nb = _norm(a), _norm(b)
+    if na == nb:
+        return len(na.split()) >= 3  # "make it shorter" is a follow-up anyone may write
+    wa, wb = set(na.split()) - _STOP, set(nb.split()) - _STOP
+    return min(len(wa), len(wb)) >= 3 and len(wa & wb) / len(wa | wb) >= 0.75
+
+
+def test_bundled_demos_shape_and_disjoint_from_the_eval():
+    """The shipped set meets the issue's shape, and no demo user turn is (nearly) an evaluation prompt."""
+    from collections import Counter
+
+    from loopchat.evaluate import rubric
+    from loopchat.train.sft import BUNDLED_DEMOS
+
+    rows = [json.loads(line) for f in sorted(BUNDLED_DEMOS.glob("*.jsonl")) for line in f.open() if line.strip()]
+    assert len(rows) >= 600
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    multi = sum(sum(m["role"] == "user" for m in r["messages"]) >= 2 for r in rows)
+    assert multi >= len(rows) / 3
+    cats = Counter(r["category"] for r in rows)
+    wanted = set(rubric.CATEGORIES) - {"concise"}  # concision is taught by every reply, not a category of its own
+    assert wanted <= set(cats), wanted - set(cats)
+    for r in rows:
+        roles = [m["role"] for m in r["messages"] if m["role"] != "system"]
+        assert roles[-1] == "assistant" and all(x == ("user", "assistant")[i % 2] for i, x in enumerate(roles)), r["id"]
+    # Harmless-but-edgy demonstrations teach helping: none of their replies may read as a refusal.
+    for r in rows:
+        if r["category"] == "edgy_harmless":
+            for m in r["messages"]:
+                assert m["role"] != "assistant" or not rubric.is_refusal(m["content"]), r["id"]
+    eval_turns = [m["content"] for it in rubric.load_items() for m in it["messages"] if m["role"] == "user"]
+    leaks = [(r["id"], m["content"][:60], e[:60]) for r in rows for m in r["messages"] if m["role"] == "user"
+             for e in eval_turns if _same_prompt(m["content"], e)]
+    assert not leaks, leaks

@@ -345,7 +345,6 @@ def _hh_turns(value: Any, loc: _Loc, field: str) -> list[_Msg]:
     text = _text(value, loc, field)
     text = "\n\n" + text.lstrip()  # quirk: the leading "\n\n" is sometimes missing or padded
     turns: list[_Msg] = []
-    pos = 0
     markers = (("\n\nHuman:", "user"), ("\n\nAssistant:", "assistant"))
 
     def next_marker(start: int) -> tuple[int, str, int]:

@@ -28,7 +28,6 @@ store (people's rankings, plus thumbs up vs down on sibling replies).
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -302,9 +301,13 @@ def rm_loss(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
 
 
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, autocast: bool = True) -> list[float]:
-    """Raw rewards of token sequences (prompt + reply), longest first to pad little."""
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, autocast: bool | None = None) -> list[float]:
+    """Raw rewards of token sequences (prompt + reply), longest first to pad little.
+    autocast: bf16 autocast; None = where the device runs bf16 natively."""
+    from loopchat.models import native_bf16
+
     device = next(model.parameters()).device
+    autocast = native_bf16(device) if autocast is None else autocast
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out = [0.0] * len(seqs)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
@@ -320,7 +323,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int =
 
 
 def score_replies(model, tok, prompts: list[list[dict]], replies: list[str], normalise: bool = True, batch_size: int = 16,
-                  autocast: bool = True) -> list[float]:
+                  autocast: bool | None = None) -> list[float]:
     """Rewards of replies to prompts (normalised by the checkpoint's offset unless told not)."""
     seqs = []
     for p, r in zip(prompts, replies):
@@ -368,7 +371,7 @@ class RewardTrainer(Trainer):
         mine = self.demos[self.accelerator.process_index :: self.world]
         seqs = [sum(encode_reply(self.tokenizer, p, r), []) for p, r in mine]
         seqs = [s[-self.cfg.max_seq_len :] for s in seqs]  # keep the end: the reward is read there
-        raw = score_sequences(hf, seqs, self.tokenizer.pad_token_id, autocast=self.cfg.bf16) if seqs else []
+        raw = score_sequences(hf, seqs, self.tokenizer.pad_token_id, autocast=self.bf16) if seqs else []
         hf.train(was)
         total, n = self.all_sum([sum(raw), len(raw)])
         return total / max(n, 1)
