@@ -48,7 +48,7 @@ checkpoint through AutoModelForSequenceClassification num_labels=1, zero-initial
 fp32 master weights, the tokenizer's pad token <|endoftext|> as config.pad_token_id -- TRL gets
 that same model object and tokenizer), max sequence length (RMConfig's 768; longer rankings are
 skipped by prepare_data, and TRL's max_length filter is checked to drop nothing), bf16 autocast
-for forward/backward (TRL: bf16=True, use_cpu=True on CPU -> accelerate's torch.autocast; each
+for forward/backward where the hardware has native bf16, fp32 elsewhere (TRL: bf16=True, use_cpu=True on CPU -> accelerate's torch.autocast; each
 child checks on the first forward that a linear layer really runs under autocast with a bf16
 output and records it), AdamW fused for both (TRL optim="adamw_torch_fused"), betas (0.9, 0.95),
 eps 1e-8, weight decay 0, clip 1.0, lr 2e-5, linear warm-up (5% of the steps) + cosine to 10%
@@ -145,7 +145,7 @@ def rm_config(a: dict, out: str, batch_size: int, total: int):
 
     return RMConfig(model=a["model"] if a["device"] == "cpu" else "default", data=a["data"], out=out, max_seq_len=a["max_seq_len"],
                     batch_size=batch_size, grad_accum=a["grad_accum"], max_steps=total, epochs=float(total), lr=a["lr"],
-                    eval_every=0, save_every=0, log_every=1, seed=a["seed"], bf16=True, eval_fraction=0.0)
+                    eval_every=0, save_every=0, log_every=1, seed=a["seed"], bf16=a["bf16"], eval_fraction=0.0)
 
 
 def plan(tok, a: dict) -> dict:
@@ -371,7 +371,7 @@ def run_trl(a: dict) -> dict:
         output_dir=out, max_steps=total, per_device_train_batch_size=micro, gradient_accumulation_steps=ga,
         learning_rate=a["lr"], lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=round(0.05 * total), adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch_fused", bf16=True, use_cpu=a["device"] == "cpu",
+        max_grad_norm=1.0, optim="adamw_torch_fused", bf16=a["bf16"], use_cpu=a["device"] == "cpu",
         gradient_checkpointing=False, max_length=a["max_seq_len"], center_rewards_coefficient=None, disable_dropout=True,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", seed=a["seed"],
         train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
@@ -493,8 +493,11 @@ def main() -> None:
     q = args.quick
     if args.k < 2:
         ap.error("--k must be at least 2")
+    from loopchat.models import native_bf16
+
+    # bf16 autocast for every variant where the hardware runs it natively (emulated bf16 is >10x slower)
     a = {
-        "device": args.device, "model": args.model, "threads": args.threads, "seed": 0, "lr": 2e-5,
+        "device": args.device, "bf16": native_bf16(args.device), "model": args.model, "threads": args.threads, "seed": 0, "lr": 2e-5,
         "steps": args.steps or (2 if q else 4 if cpu else 20),
         "max_seq_len": args.max_seq_len or (512 if q else 768),
         "batch_size": args.batch_size or (2 if q else 4 if cpu else 32),

@@ -30,7 +30,7 @@ Variants (each in its own subprocess, so its peak RSS / peak CUDA memory is its 
 What is held equal: the model and its weights (fp32 master weights), the tokenizer and pad token,
 the conversations (the bundled demonstrations through loopchat.train.sft's reader and template
 check; conversations longer than max-seq-len are dropped for both), max sequence length, bf16
-autocast for forward/backward (TRL: bf16=True, use_cpu=True on CPU -> accelerate's
+autocast for forward/backward where the hardware has native bf16, fp32 elsewhere (TRL: bf16=True, use_cpu=True on CPU -> accelerate's
 torch.autocast; each child checks on the first forward that a linear layer really runs under
 autocast with a bf16 output and records it), AdamW fused for both (torch fused kernel; TRL
 optim="adamw_torch_fused"), betas (0.9, 0.95), eps 1e-8, weight decay 0, clip 1.0, lr 2e-5,
@@ -196,7 +196,7 @@ def run_loopchat(a: dict) -> dict:
     out = tempfile.mkdtemp(prefix="bench-sft-loopchat-")
     cfg = SFTConfig(model=a["model"] if a["device"] == "cpu" else "default", out=out, max_seq_len=a["max_seq_len"],
                     batch_size=a["batch_size"], grad_accum=a["grad_accum"], max_steps=a["steps"] + 1, lr=a["lr"],
-                    eval_every=0, save_every=0, log_every=1, seed=a["seed"], bf16=True, eval_fraction=0.0)
+                    eval_every=0, save_every=0, log_every=1, seed=a["seed"], bf16=a["bf16"], eval_fraction=0.0)
     meter = Meter(a["device"])
     seen: dict = {}
     try:
@@ -278,7 +278,7 @@ def run_trl(a: dict, variant: str) -> dict:
             output_dir=out, max_steps=total, per_device_train_batch_size=micro, gradient_accumulation_steps=ga,
             learning_rate=a["lr"], lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
             warmup_steps=round(0.05 * total), adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0,
-            max_grad_norm=1.0, optim="adamw_torch_fused", bf16=True, use_cpu=a["device"] == "cpu",
+            max_grad_norm=1.0, optim="adamw_torch_fused", bf16=a["bf16"], use_cpu=a["device"] == "cpu",
             gradient_checkpointing=gc, max_length=a["max_seq_len"], packing=packed,
             assistant_only_loss=assistant_only, logging_steps=1, save_strategy="no", eval_strategy="no",
             report_to="none", seed=a["seed"], train_sampling_strategy="sequential", dataloader_num_workers=0,
@@ -353,8 +353,11 @@ def main() -> None:
 
     cpu = args.device == "cpu"
     q = args.quick
+    from loopchat.models import native_bf16
+
+    # bf16 autocast for every variant where the hardware runs it natively (emulated bf16 is >10x slower)
     a = {
-        "device": args.device, "model": args.model, "data": args.data, "threads": args.threads, "seed": 0, "lr": 2e-5,
+        "device": args.device, "bf16": native_bf16(args.device), "model": args.model, "data": args.data, "threads": args.threads, "seed": 0, "lr": 2e-5,
         "steps": args.steps or (2 if q else 10 if cpu else 20),
         "max_seq_len": args.max_seq_len or (512 if q else 1024),
         "batch_size": args.batch_size or (4 if q else 8 if cpu else 32),

@@ -380,7 +380,7 @@ def test_load_items_names_line_and_field(tmp_path, bad, field):
 
 
 def test_load_items_rejects_bad_json_and_duplicates(tmp_path):
-    with pytest.raises(ValueError, match=r":2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"line 2: invalid JSON"):
         load_items(_write(tmp_path, [_item(), "{not json"]))
     with pytest.raises(ValueError, match=r":2: field 'id': duplicate id 'ev-concise-01' \(first on line 1\)"):
         load_items(_write(tmp_path, [_item(), _item()]))

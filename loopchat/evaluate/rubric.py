@@ -33,7 +33,6 @@ How a term is matched (``any_of`` and ``none_of``), so that a rubric can be read
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -329,23 +328,17 @@ def validate_item(item: Any, where: str = "item") -> None:
 
 def load_items(path: str | Path | None = None) -> list[dict[str, Any]]:
     """Read and validate an eval JSONL file (default: the bundled behaviour set)."""
+    from loopchat.data.formats import iter_jsonl
+
     path = Path(path) if path is not None else default_path()
     items: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            validate_item(item, where)
-            if item["id"] in seen:
-                _fail(where, "id", f"duplicate id {item['id']!r} (first on line {seen[item['id']]})")
-            seen[item["id"]] = lineno
-            items.append(item)
+    seen: dict[str, str] = {}
+    for where, item in iter_jsonl(path):
+        validate_item(item, where)
+        if item["id"] in seen:
+            _fail(where, "id", f"duplicate id {item['id']!r} (first on line {seen[item['id']]})")
+        seen[item["id"]] = where.rsplit(":", 1)[1]
+        items.append(item)
     return items
 
 

@@ -60,24 +60,15 @@ def prompt_files(paths: list[str]) -> list[Path]:
 
 def read_prompts(path: Path) -> list[dict]:
     """{"id", "category", "messages"} per line; a line without a user turn is skipped."""
-    out = []
-    import gzip
+    from loopchat.data.formats import iter_jsonl
 
-    path = Path(path)
-    text = gzip.open(path, "rt").read() if path.name.endswith(".gz") else path.read_text()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
-        if not isinstance(obj, dict) or "messages" not in obj:
+    out = []
+    for where, obj in iter_jsonl(path):
+        if "messages" not in obj:
             raise ValueError(f"{where}: expected an object with 'messages'")
         msgs = _prompt_from(obj["messages"], where)
         if msgs:
-            out.append({"id": str(obj.get("id", f"{Path(path).name}:{n}")), "category": str(obj.get("category", "")), "messages": msgs,
+            out.append({"id": str(obj.get("id", f"{Path(path).name}:{where.rsplit(':', 1)[1]}")), "category": str(obj.get("category", "")), "messages": msgs,
                         "split": str(obj.get("split", "train"))})
     return out
 
