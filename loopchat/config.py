@@ -31,13 +31,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _optional_bool(ann: Any) -> bool:
+    """`bool | None` (None = decided later, e.g. bf16 by the hardware)."""
+    import types
+    import typing
+
+    return typing.get_origin(ann) in (typing.Union, types.UnionType) and set(typing.get_args(ann)) == {bool, type(None)}
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file with settings (flags override it)")
     for name, field in cls.model_fields.items():
         default = field.default if field.default_factory is None else field.default_factory()
         help_text = (field.description or "") + f" (default: {default!r})"
         ann = field.annotation
-        if ann is bool:
+        if ann is bool or _optional_bool(ann):
             # --flag / --no-flag, default None so we can tell "given" from "not given"
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif getattr(ann, "__origin__", None) is list or ann is list:

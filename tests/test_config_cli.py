@@ -117,3 +117,14 @@ def test_data_import_and_export_through_the_cli(tmp_path, capsys):
     import json
 
     assert json.loads(out.read_text())["messages"][1] == {"role": "assistant", "content": "Hello!"}
+
+
+def test_optional_bool_settings_are_flag_pairs():
+    """`bool | None` (e.g. bf16: None = by the hardware) gets --x / --no-x, and unset stays None."""
+    from loopchat.train.sft import SFTConfig
+
+    p = argparse.ArgumentParser()
+    add_config_args(p, SFTConfig)
+    assert resolve_config(SFTConfig, p.parse_args([])).bf16 is None
+    assert resolve_config(SFTConfig, p.parse_args(["--bf16"])).bf16 is True
+    assert resolve_config(SFTConfig, p.parse_args(["--no-bf16"])).bf16 is False

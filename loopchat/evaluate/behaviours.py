@@ -99,8 +99,11 @@ def load_or_run(spec: str, items: list[dict], cfg: BehavioursConfig) -> dict:
         data = json.loads(Path(spec).read_text())
         if not isinstance(data, dict) or "results" not in data:
             raise ValueError(f"{spec}: not a behaviours results file (no 'results')")
-        wanted = {it["id"] for it in items}
-        data["results"] = [r for r in data["results"] if r["id"] in wanted]
+        # Re-score the saved replies with the current rubrics, so that columns written earlier
+        # are judged by the same rules as the one generated now.
+        replies = {r["id"]: r["reply"] for r in data["results"]}
+        kept = [it for it in items if it["id"] in replies]
+        data["results"] = rubric.score(kept, {it["id"]: replies[it["id"]] for it in kept})
         data["summary"] = rubric.summarise(data["results"])
         return data
     return evaluate_model(spec, items, cfg.max_new_tokens, cfg.batch_size)

@@ -57,7 +57,9 @@ ROLES = ("system", "user", "assistant")
 # Phrases that mark a reply as a refusal. Matched like rubric terms (case-insensitive, whole
 # words, apostrophes normalised) and also with apostrophes dropped, so "I cant" and "Im sorry,
 # but" count too. Written in the first person or as a refusal formula, so that a helpful
-# answer that merely contains "can't" ("penguins can't fly") is not a refusal.
+# answer that merely contains "can't" ("penguins can't fly") is not a refusal. Text inside
+# double quotes is left out: a reply that writes lines for the user to say ('Tell them: "I
+# can't make it tonight."') is not declining anything.
 REFUSAL_MARKERS = (
     "i can't",
     "i cannot",
@@ -183,9 +185,12 @@ def find_term(text: str, term: str, *, normalised: bool = False) -> bool:
     return _term_pattern(term).search(text if normalised else normalise(text)) is not None
 
 
+_QUOTED = re.compile(r'"[^"]{1,300}"')
+
+
 def refusal_marker(text: str) -> str | None:
-    """The first refusal marker found in ``text``, or None."""
-    norm = normalise(text)
+    """The first refusal marker found in ``text`` outside double quotes, or None."""
+    norm = _QUOTED.sub(" ", normalise(text))
     bare = norm.replace("'", "")
     for marker in REFUSAL_MARKERS:
         if find_term(norm, marker, normalised=True) or find_term(bare, marker.replace("'", ""), normalised=True):
