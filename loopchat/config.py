@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -33,10 +34,7 @@ def _flag(name: str) -> str:
 
 def _optional_bool(ann: Any) -> bool:
     """`bool | None` (None = decided later, e.g. bf16 by the hardware)."""
-    import types
-    import typing
-
-    return typing.get_origin(ann) in (typing.Union, types.UnionType) and set(typing.get_args(ann)) == {bool, type(None)}
+    return get_origin(ann) in (Union, types.UnionType) and set(get_args(ann)) == {bool, type(None)}
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type[Config]) -> None:

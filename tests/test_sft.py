@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from loopchat.data.formats import FormatError
+from loopchat.data.formats import FormatError, iter_jsonl
 from loopchat.train.sft import (
     IGNORE,
     ChatTemplateError,
@@ -270,8 +271,6 @@ _STOP = set("a an the i me my you your it its is are was were be do does did how
 
 
 def _norm(text: str) -> str:
-    import re
-
     return " ".join(re.findall(r"[a-z0-9]+", text.lower().replace("'", "").replace("\u2019", "")))
 
 
@@ -291,7 +290,7 @@ def test_bundled_demos_shape_and_disjoint_from_the_eval():
     from loopchat.evaluate import rubric
     from loopchat.train.sft import BUNDLED_DEMOS
 
-    rows = [json.loads(line) for f in sorted(BUNDLED_DEMOS.glob("*.jsonl")) for line in f.open() if line.strip()]
+    rows = [obj for f in sorted(BUNDLED_DEMOS.glob("*.jsonl")) for _, _, obj in iter_jsonl(f)]
     assert len(rows) >= 600
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids))

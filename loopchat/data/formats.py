@@ -287,14 +287,14 @@ def _iter_rows(path: Path) -> Iterator[tuple[_Loc, Any]]:
             yield loc, obj
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """("file:line", object) for each non-blank line of a JSONL file (gzipped or not); a line
-    that is not a UTF-8 JSON object raises FormatError naming the file and line."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
+    """("file:line", line, object) for each non-blank line of a JSONL file (gzipped or not); a
+    line that is not a UTF-8 JSON object raises FormatError naming the file and line."""
     path = Path(path)
     for loc, obj in _iter_rows(path):
         if isinstance(obj, FormatError):
             raise obj
-        yield f"{path}:{loc.line}", obj
+        yield f"{path}:{loc.line}", loc.line, obj
 
 
 def _check(rec: ConversationRecord, loc: _Loc) -> ConversationRecord:

@@ -337,12 +337,12 @@ def load_items(path: str | Path | None = None) -> list[dict[str, Any]]:
 
     path = Path(path) if path is not None else default_path()
     items: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    for where, item in iter_jsonl(path):
+    seen: dict[str, int] = {}
+    for where, line, item in iter_jsonl(path):
         validate_item(item, where)
         if item["id"] in seen:
             _fail(where, "id", f"duplicate id {item['id']!r} (first on line {seen[item['id']]})")
-        seen[item["id"]] = where.rsplit(":", 1)[1]
+        seen[item["id"]] = line
         items.append(item)
     return items
 

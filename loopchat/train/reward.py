@@ -40,7 +40,7 @@ from pydantic import Field
 from loopchat import models
 from loopchat.data.formats import ranking_rows, read_file, sft_messages
 from loopchat.data.records import RankingRecord
-from loopchat.train.loop import Trainer, TrainConfig, is_main_process, jsonl_files, split_eval, to_device
+from loopchat.train.loop import Trainer, TrainConfig, is_main_process, jsonl_files, split_eval, to_device, use_bf16
 
 BUNDLED_COMPARISONS = Path(__file__).resolve().parent.parent / "data" / "bundled" / "comparisons"
 OFFSET_KEY = "loopchat_reward_offset"
@@ -304,10 +304,8 @@ def rm_loss(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
 def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, autocast: bool | None = None) -> list[float]:
     """Raw rewards of token sequences (prompt + reply), longest first to pad little.
     autocast: bf16 autocast; None = where the device runs bf16 natively."""
-    from loopchat.models import native_bf16
-
     device = next(model.parameters()).device
-    autocast = native_bf16(device) if autocast is None else autocast
+    autocast = use_bf16(autocast, device)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out = [0.0] * len(seqs)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)

@@ -63,12 +63,12 @@ def read_prompts(path: Path) -> list[dict]:
     from loopchat.data.formats import iter_jsonl
 
     out = []
-    for where, obj in iter_jsonl(path):
+    for where, line, obj in iter_jsonl(path):
         if "messages" not in obj:
             raise ValueError(f"{where}: expected an object with 'messages'")
         msgs = _prompt_from(obj["messages"], where)
         if msgs:
-            out.append({"id": str(obj.get("id", f"{Path(path).name}:{where.rsplit(':', 1)[1]}")), "category": str(obj.get("category", "")), "messages": msgs,
+            out.append({"id": str(obj.get("id", f"{Path(path).name}:{line}")), "category": str(obj.get("category", "")), "messages": msgs,
                         "split": str(obj.get("split", "train"))})
     return out
 
