@@ -41,7 +41,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file with settings (flags override it)")
     for name, field in cls.model_fields.items():
         default = field.default if field.default_factory is None else field.default_factory()
-        help_text = (field.description or "") + f" (default: {default!r})"
+        # argparse %-formats help strings: a literal '%' in a description must be doubled
+        help_text = ((field.description or "") + f" (default: {default!r})").replace("%", "%%")
         ann = field.annotation
         if ann is bool or _optional_bool(ann):
             # --flag / --no-flag, default None so we can tell "given" from "not given"

@@ -61,7 +61,10 @@ def test_every_subcommand_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
         assert e.value.code == 0
-        assert "usage: loopchat " + " ".join(cmd) in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "usage: loopchat " + " ".join(cmd) in out
+        # a bare '%' in a description makes argparse splice its own internals into the text
+        assert "option_strings" not in out, f"{cmd}: a help string has an unescaped '%'"
 
 
 def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):
