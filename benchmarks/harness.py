@@ -68,10 +68,11 @@ def add_mfu(r: dict) -> dict:
     return r
 
 
-def make_model(path: Path, shape: dict | None = None, bf16: bool = False) -> str:
+def make_model(path: Path, shape: dict | None = None, bf16: bool = False, tokenizer: str | None = None) -> str:
     """A randomly initialised Llama with the embedded model's real tokenizer (as in
     tests/conftest.py's make_tiny_checkpoint), saved as a normal checkpoint folder. Default
-    shape: 2 layers of width 64. load_reward_model gives it a zero score head."""
+    shape: 2 layers of width 64. load_reward_model gives it a zero score head. `tokenizer`: a
+    folder holding that tokenizer, for machines without the embedded model (a GPU box)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -80,7 +81,7 @@ def make_model(path: Path, shape: dict | None = None, bf16: bool = False) -> str
 
     shape = shape or dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=2048)
-    tok = models.load_tokenizer(models.resolve_spec("default").path)
+    tok = models.load_tokenizer(tokenizer or models.resolve_spec("default").path)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       bos_token_id=tok.bos_token_id, **shape)

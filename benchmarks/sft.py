@@ -92,7 +92,7 @@ def load_model(a: dict):
     # --- CUDA path: UNTESTED (written without a GPU) ---
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = models.load_tokenizer(models.resolve_spec("default").path)
+    tok = models.load_tokenizer(a.get("tokenizer") or models.resolve_spec("default").path)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
@@ -334,6 +334,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model", default="default", help="model spec for both trainers (CPU; CUDA uses a random ~1B Llama)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama with the real tokenizer (smoke runs)")
+    ap.add_argument("--tokenizer", help="folder with the embedded model's tokenizer, for the random models (--tiny, CUDA) on a "
+                    "machine without the embedded model (default: the embedded model's)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps, max-seq-len 512, 4 rows x 2 micro-steps")
     ap.add_argument("--steps", type=int, help="timed optimizer steps after the warm-up step (default 10 CPU, 20 CUDA, 2 quick)")
     ap.add_argument("--max-seq-len", type=int, help="default 1024 (512 with --quick)")
@@ -362,14 +364,14 @@ def main() -> None:
         "max_seq_len": args.max_seq_len or (512 if q else 1024),
         "batch_size": args.batch_size or (4 if q else 8 if cpu else 32),
         "grad_accum": args.grad_accum or (2 if q else 4),
-        "conversations": args.conversations,
+        "conversations": args.conversations, "tokenizer": args.tokenizer,
     }
     if a["batch_size"] % a["grad_accum"]:
         ap.error("--batch-size must be a multiple of --grad-accum")
     tmp = None
     if args.tiny and cpu:
         tmp = Path(tempfile.mkdtemp(prefix="bench-sft-tiny-"))
-        a["model"] = make_model(tmp)
+        a["model"] = make_model(tmp, tokenizer=args.tokenizer)
     label = "tiny random Llama (2 layers, d=64)" if args.tiny else (a["model"] if cpu else "random Llama-3.2-1B-shaped (UNTESTED path)")
     print(f"model: {label}; {a['steps']} timed steps after 1 warm-up; max_seq_len {a['max_seq_len']}; "
           f"loopchat {a['batch_size']} packed rows x {a['grad_accum']} micro-steps; {a['threads']} threads", file=sys.stderr)
