@@ -4,7 +4,7 @@
     python benchmarks/ppo.py --variants full,lora     # also the LoRA policy (about twice as long in all)
     python benchmarks/ppo.py --reward runs/rm-...     # reward AND value model from a trained reward model
     python benchmarks/ppo.py --tiny --quick           # smoke run: a tiny random Llama, 1 warm-up + 1 timed iteration
-    python benchmarks/ppo.py --device cuda            # GPU (UNTESTED): a random ~1B Llama-3.2-1B-shaped model, samples/s
+    python benchmarks/ppo.py --device cuda            # GPU (run on one H200): a random ~1B Llama-3.2-1B-shaped model, samples/s
 
 What runs: loopchat.train.ppo.run_ppo itself, with a PPOConfig, into a temporary run folder
 (deleted afterwards), each variant in its own subprocess so its peak RSS / peak CUDA memory is
@@ -62,7 +62,7 @@ through policy + value, forward + backward, 8 AdamW steps) and ~1 s bookkeeping:
 Four iterations + start-up: ~7-8 minutes for `full`; `--variants full,lora` ~13-15 minutes.
 A shared machine can be 2-5x slower.
 
---device cuda (UNTESTED: written without a GPU). The policy is a Llama-3.2-1B-shaped model
+--device cuda (run on one H200 on 2026-12-04: docs/benchmarks.md). The policy is a Llama-3.2-1B-shaped model
 (d 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192, tied embeddings; 1.07B parameters with
 the embedded tokenizer's 49k vocabulary) with random weights, written once as a bf16
 checkpoint in a temp folder and loaded by run_ppo as always: fp32 master weights, bf16
@@ -388,10 +388,10 @@ def main() -> None:
         if args.tiny:
             a["model"] = a["reward"] = make_model(tmp / "tiny", TINY_SHAPE, bf16=False, tokenizer=args.tokenizer)
             label = "tiny random Llama (2 layers, d=64)"
-        elif not cpu:  # --- CUDA path: UNTESTED (written without a GPU) ---
+        elif not cpu:  # --- CUDA path (run on one H200, 2026-12-04) ---
             eprint("writing a random Llama-3.2-1B-shaped checkpoint (bf16) ...")
             a["model"] = a["reward"] = make_model(tmp / "llama-1b", LLAMA_1B_SHAPE, bf16=True, tokenizer=args.tokenizer)
-            label = "random Llama-3.2-1B-shaped, 1.07B params (UNTESTED path)"
+            label = "random Llama-3.2-1B-shaped, 1.07B params"
         else:
             label = a["model"]
         reward_label = ("fresh zero score head on the policy checkpoint" if a["reward"] == a["model"] else a["reward"])
@@ -415,7 +415,7 @@ def main() -> None:
     import transformers
 
     header = (f"device: cpu ({platform.processor() or platform.machine()}, {a['threads']} threads)" if cpu
-              else f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cuda'} (UNTESTED path)")
+              else f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cuda'}")
     print(f"\n{header}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"policy/reference: {label}; reward/value: {reward_label}; prompts: bundled; {a['rollout_batch']} rollouts/iteration, "
           f"max_new_tokens {a['max_new_tokens']}, batch {a['batch_size']} x {a['grad_accum']} micro-steps, {a['ppo_epochs']} PPO epochs, "

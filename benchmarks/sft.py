@@ -3,7 +3,7 @@
     python benchmarks/sft.py                      # CPU, the embedded SmolLM2-135M-Instruct, 2 threads
     python benchmarks/sft.py --tiny --quick       # smoke run: a tiny random Llama with the real tokenizer
     python benchmarks/sft.py --model Qwen/Qwen2.5-0.5B-Instruct --steps 5
-    python benchmarks/sft.py --device cuda        # GPU (UNTESTED): ~1B Llama-shaped model, random weights, MFU
+    python benchmarks/sft.py --device cuda        # GPU (run on one H200): ~1B Llama-shaped model, random weights, MFU
 
 Needs TRL: pip install '.[bench]' (trl, which adds datasets, pandas, pyarrow).
 
@@ -89,7 +89,7 @@ def load_model(a: dict):
 
     if a["device"] == "cpu":
         return models.load(a["model"], device="cpu", dtype=torch.float32, eval_mode=False)
-    # --- CUDA path: UNTESTED (written without a GPU) ---
+    # --- CUDA path (run on one H200, 2026-12-04) ---
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = models.load_tokenizer(a.get("tokenizer") or models.resolve_spec("default").path)
@@ -321,7 +321,7 @@ def child(variant: str, a: dict) -> dict:
     torch.set_num_threads(a["threads"])
     r = run_loopchat(a) if variant == "loopchat" else run_trl(a, variant)
     r.update(variant=variant, device=a["device"], threads=a["threads"])
-    if a["device"] == "cuda":  # --- UNTESTED ---
+    if a["device"] == "cuda":
         add_mfu(r)
     return r
 
@@ -372,7 +372,7 @@ def main() -> None:
     if args.tiny and cpu:
         tmp = Path(tempfile.mkdtemp(prefix="bench-sft-tiny-"))
         a["model"] = make_model(tmp, tokenizer=args.tokenizer)
-    label = "tiny random Llama (2 layers, d=64)" if args.tiny else (a["model"] if cpu else "random Llama-3.2-1B-shaped (UNTESTED path)")
+    label = "tiny random Llama (2 layers, d=64)" if args.tiny else (a["model"] if cpu else "random Llama-3.2-1B-shaped")
     print(f"model: {label}; {a['steps']} timed steps after 1 warm-up; max_seq_len {a['max_seq_len']}; "
           f"loopchat {a['batch_size']} packed rows x {a['grad_accum']} micro-steps; {a['threads']} threads", file=sys.stderr)
     rows = []
