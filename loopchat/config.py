@@ -40,9 +40,12 @@ def _optional_bool(ann: Any) -> bool:
 def add_config_args(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file with settings (flags override it)")
     for name, field in cls.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()
+        if field.is_required():
+            tail = " (required)"
+        else:
+            tail = f" (default: {field.default if field.default_factory is None else field.default_factory()!r})"
         # argparse %-formats help strings: a literal '%' in a description must be doubled
-        help_text = ((field.description or "") + f" (default: {default!r})").replace("%", "%%")
+        help_text = ((field.description or "") + tail).replace("%", "%%")
         ann = field.annotation
         if ann is bool or _optional_bool(ann):
             # --flag / --no-flag, default None so we can tell "given" from "not given"

@@ -65,6 +65,7 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: loopchat " + " ".join(cmd) in out
         # a bare '%' in a description makes argparse splice its own internals into the text
         assert "option_strings" not in out, f"{cmd}: a help string has an unescaped '%'"
+        assert "PydanticUndefined" not in out, f"{cmd}: a required setting shows pydantic's sentinel as its default"
 
 
 def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):
