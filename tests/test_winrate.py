@@ -45,3 +45,10 @@ def test_bundled_heldout_prompts_are_excluded_from_training(tokenizer):
     assert summary["skipped"]["held out for evaluation"] == len(held)
     assert not {p["id"] for p in held} & {p["id"] for p in train}
     assert len(train) >= 350
+
+
+def test_reply_stats_show_a_refusal_hack(tokenizer):
+    honest = W.reply_stats(tokenizer, ["The Adriatic Sea.", "Check whether joists rest on it.", "x = -11."])
+    hacked = W.reply_stats(tokenizer, ["I can't help with that."] * 2 + ["x = -11."])
+    assert honest["refusal_rate"] == 0.0 and hacked["refusal_rate"] == pytest.approx(2 / 3)
+    assert hacked["distinct2"] < honest["distinct2"] and hacked["mean_tokens"] > 0

@@ -5,8 +5,8 @@ For each held-out prompt (the bundled PPO prompts marked "heldout", never traine
 models reply (greedy by default); the reward model scores both replies; the win rate counts
 a tie as half. Beside it, the drift that explains the win: KL(model || baseline) per reply,
 estimated on replies sampled from the model at temperature 1 (sum over response tokens of
-log p_model - log p_baseline), and reply length and distinct-2 for both, so a win bought by
-collapse (one stock answer, or rambling) is visible.
+log p_model - log p_baseline), and reply length, distinct-2 and refusal share for both, so a win bought by
+collapse (one stock answer, rambling, or refusing everything) is visible.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydantic import Field
 
 from loopchat import models
 from loopchat.config import Config
+from loopchat.evaluate import rubric
 from loopchat.evaluate.behaviours import label_of, replies_for
 from loopchat.train import ppo, rollout
 from loopchat.train import reward as R
@@ -35,6 +36,16 @@ class WinRateConfig(Config):
     batch_size: int = Field(16, ge=1, description="prompts generated together")
     kl_samples: int = Field(1, ge=0, description="replies sampled per prompt (T = 1) to estimate the KL (0 = skip)")
     seed: int = Field(0, description="sampling seed for the KL estimate")
+
+
+def reply_stats(tok, texts: list[str]) -> dict:
+    """What a win can be bought with: length (rambling or one-liners), distinct-2 (one stock
+    answer) and the share of refusals (a reward model that over-rates "I can't help with
+    that." is hacked by refusing everything; seen here with a reward model trained 0.7 epochs)."""
+    toks = [tok.encode(t, add_special_tokens=False) for t in texts]
+    n = max(len(texts), 1)
+    return {"mean_tokens": sum(map(len, toks)) / n, "distinct2": ppo.distinct_n(toks, 2),
+            "refusal_rate": sum(rubric.is_refusal(t) for t in texts) / n}
 
 
 def heldout_prompts(files: list[str]) -> list[dict]:
@@ -93,16 +104,12 @@ def run_winrate(cfg: WinRateConfig) -> dict:
         rows.append({"id": p["id"], "category": p["category"], "prompt": p["messages"][-1]["content"], "model_reply": replies["model"][i],
                      "baseline_reply": replies["baseline"][i], "model_reward": a, "baseline_reward": b_, "win": win})
 
-    def stats(texts: list[str]) -> dict:
-        toks = [rtok.encode(t, add_special_tokens=False) for t in texts]
-        return {"mean_tokens": sum(map(len, toks)) / len(toks), "distinct2": ppo.distinct_n(toks, 2)}
-
     result = {
         "model": cfg.model, "baseline": cfg.baseline, "reward": cfg.reward, "prompts": len(items),
         "win_rate": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}, "pairs": {c: len(v) for c, v in sorted(by_cat.items())},
         "mean_reward": {w: sum(s) / len(s) for w, s in scores.items()},
         "kl_per_reply": sum(kls) / len(kls) if kls else None,
-        "model_stats": stats(replies["model"]), "baseline_stats": stats(replies["baseline"]), "rows": rows,
+        "model_stats": reply_stats(rtok, replies["model"]), "baseline_stats": reply_stats(rtok, replies["baseline"]), "rows": rows,
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +123,7 @@ def run_winrate(cfg: WinRateConfig) -> dict:
     print(f"mean reward {result['mean_reward']['model']:+.3f} vs {result['mean_reward']['baseline']:+.3f}; "
           + (f"KL({a} || {b}) {result['kl_per_reply']:.2f} nats per reply; " if kls else "")
           + f"tokens {result['model_stats']['mean_tokens']:.0f} vs {result['baseline_stats']['mean_tokens']:.0f}; "
-          f"distinct-2 {result['model_stats']['distinct2']:.2f} vs {result['baseline_stats']['distinct2']:.2f}")
+          f"distinct-2 {result['model_stats']['distinct2']:.2f} vs {result['baseline_stats']['distinct2']:.2f}; "
+          f"refusals {100 * result['model_stats']['refusal_rate']:.0f}% vs {100 * result['baseline_stats']['refusal_rate']:.0f}%")
     print(f"wrote {path}")
     return result
