@@ -28,6 +28,7 @@ from loopchat.train.ppo import (
     PolicyAndValue,
     PPOConfig,
     apply_missing_eos_penalty,
+    apply_refusal_penalty,
     disable_dropout,
     distinct_n,
     entropy_from_logits,
@@ -86,6 +87,15 @@ def test_missing_eos_penalty():
     score = torch.tensor([0.5, 0.5, -1.0])
     ended = torch.tensor([True, False, False])
     assert torch.allclose(apply_missing_eos_penalty(score, ended, -1.0), torch.tensor([0.5, -0.5, -2.0]))
+
+
+def test_refusal_penalty_only_where_an_answer_is_due():
+    score = torch.tensor([0.6, 0.6, 0.6, 0.6, 0.6])
+    refused = [True, True, True, True, False]
+    cats = ["edgy_harmless", "harmful_refusal", "cannot_act", None, "helpful"]
+    # only the refused edgy prompt pays; harmful / cannot-act / uncategorised refusals and answers do not
+    assert torch.allclose(apply_refusal_penalty(score, refused, cats, 1.0), torch.tensor([-0.4, 0.6, 0.6, 0.6, 0.6]))
+    assert torch.equal(apply_refusal_penalty(score, refused, cats, 0.0), score)
 
 
 def test_masked_mean_and_whiten_ignore_padding():

@@ -43,6 +43,7 @@ from pydantic import Field, model_validator
 
 from loopchat import models
 from loopchat.config import ConfigError
+from loopchat.evaluate import rubric
 from loopchat.generate import SamplingParams
 from loopchat.train import reward as rm
 from loopchat.train import rollout as ro
@@ -76,6 +77,7 @@ class PPOConfig(TrainConfig):
     cliprange_value: float = Field(0.2, gt=0, description="clip range of the value update around the old values")
     vf_coef: float = Field(0.1, ge=0, description="weight of the value loss in the total loss")
     missing_eos_penalty: float = Field(-1.0, description="added to the score of a reply that never emits EOS within max-new-tokens")
+    refusal_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that refuses a prompt whose category asks for an answer (not harmful_refusal or cannot_act; prompts without a category are left alone); 0 = off")
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
     ptx_data: list[str] = Field(default_factory=list, description="demonstrations for PPO-ptx (files or folders); empty = the bundled SFT demos")
@@ -161,6 +163,19 @@ def apply_missing_eos_penalty(score: torch.Tensor, ended: torch.Tensor, penalty:
     """A reply cut off at max_new_tokens is judged unfinished: without this the policy can
     learn to ramble past the budget (the reward model never saw such replies)."""
     return score + penalty * (~ended.bool()).to(score.dtype)
+
+
+# Categories of the bundled prompts where declining is (or can be) the right reply.
+REFUSAL_OK = frozenset({"harmful_refusal", "cannot_act"})
+
+
+def apply_refusal_penalty(score: torch.Tensor, refused: list[bool], categories: list[str | None], penalty: float) -> torch.Tensor:
+    """A rule-based reward term beside the learned one (the GPT-4 system card's rule-based
+    reward models): a reward model that over-rates a stock refusal is hacked by refusing
+    everything (ppo-v3 in the README), so a refusal of a prompt that should be answered costs
+    `penalty`. Prompts with no category (the store's) are not judged."""
+    hit = [r and c is not None and c not in REFUSAL_OK for r, c in zip(refused, categories, strict=True)]
+    return score - penalty * torch.tensor(hit, dtype=score.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +338,7 @@ class PPOTrainer(Trainer):
         "KL to the reference (nats per reply)": ["kl"],
         "response length (tokens)": ["response_len"],
         "entropy (nats per token)": ["entropy"],
-        "repetition (rep3 up or distinct2 down = repeating)": ["rep3", "distinct2", "eos_fraction"],
+        "repetition (rep3 up or distinct2 down = repeating)": ["rep3", "distinct2", "eos_fraction", "refusals"],
         "policy update": ["clipfrac", "approx_kl"],
         "value model": ["vf_loss", "value_ev"],
         "learning rate": ["lr"],
@@ -537,6 +552,9 @@ class PPOTrainer(Trainer):
             mask = roll.response_mask
             normalised = raw - self.offset
             score = apply_missing_eos_penalty(normalised, roll.ended, cfg.missing_eos_penalty)
+            refused = [rubric.is_refusal(c.text) for c in comps]
+            if cfg.refusal_penalty:
+                score = apply_refusal_penalty(score, refused, [self.prompts[i].get("category") for i in mine], cfg.refusal_penalty)
             rewards, kl = kl_penalty_rewards(old["old_logp"], old["ref_logp"], mask, score, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, all_sum=self.all_sum)
@@ -564,6 +582,7 @@ class PPOTrainer(Trainer):
             add("entropy", masked_mean(old["entropy"], mask), n_tok)
             add("response_len", lens.mean(), N)
             add("eos_fraction", roll.ended.float().mean(), N)
+            add("refusals", sum(refused) / N, N)
             add("rep3", sum(repeated_ngram_fraction(r) for r in responses) / N, N)
             add("distinct2", distinct_n(responses), 1)  # (the mean over processes)
             d = returns - old["old_values"] * mask  # explained variance of the old values
