@@ -15,6 +15,17 @@ As in the seed: take a conversation, take model-written messages, add alternativ
 
     python scripts/build_comparisons.py sample --sft runs/sft/final
     python scripts/build_comparisons.py assemble
+
+Guideline v2 (after ppo-v3 learned to refuse harmless requests, README): a refusal of a request
+that should be answered ranks last, below flawed attempts; the user gets nothing from it, and a
+flawed answer can at least be corrected in a follow-up. `relabel-refusals` applies it to the
+labels: written "needless_refusal" replies move to the last group, and a policy's sampled reply
+(`sample --policy`) joins that group where it refuses a prompt of a category that must be
+answered. Policy replies that do not refuse stay unlabelled and out of the rankings.
+
+    python scripts/build_comparisons.py sample --policy runs/ppo-v3/final
+    python scripts/build_comparisons.py relabel-refusals
+    python scripts/build_comparisons.py assemble
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ def cmd_sample(a) -> None:
     rows = drafts()
     out_path = SRC / "samples.jsonl"
     have = {r["id"]: r for r in read_jsonl([out_path])} if out_path.exists() else {}
-    for name, spec in (("default", "default"), ("sft", a.sft)):
+    for name, spec in (("default", "default"), ("sft", a.sft), ("policy", a.policy)):
         if spec is None:
             continue
         todo = [r for r in rows if name not in have.get(r["id"], {})]
@@ -82,6 +93,37 @@ def cmd_sample(a) -> None:
             tmp.write_text("".join(json.dumps(have[i]) + "\n" for i in sorted(have)))
             tmp.replace(out_path)
     print(f"wrote {out_path} ({len(have)} prompts)")
+
+
+# Categories where declining is (or can be) the right reply: refusals there are left as ranked.
+REFUSAL_OK = {"harmful_refusal", "cannot_act"}
+NEEDLESS = "needless_refusal"
+
+
+def cmd_relabel_refusals(a) -> None:
+    from loopchat.evaluate.rubric import is_refusal
+
+    rows = {r["id"]: r for r in drafts()}
+    samples = {r["id"]: r for r in read_jsonl([SRC / "samples.jsonl"])}
+    moved = added = 0
+    for path in sorted(SRC.glob("labels_*.jsonl")):
+        labels = read_jsonl([path])
+        for lab in labels:
+            r = rows[lab["id"]]
+            if r["category"] in REFUSAL_OK:
+                continue
+            order = [[k for k in g if k not in (NEEDLESS, "policy")] for g in lab["order"]]
+            last = [k for g in lab["order"] for k in g if k == NEEDLESS]
+            moved += bool(last) and lab["order"][-1] != [NEEDLESS]
+            policy = samples.get(lab["id"], {}).get("policy")
+            if policy is not None and is_refusal(policy):
+                last.append("policy")
+                added += 1
+            lab["order"] = [g for g in order if g] + ([last] if last else [])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(lab) + "\n" for lab in labels))
+        tmp.replace(path)
+    print(f"guideline v2: {moved} written needless refusals moved to last place, {added} policy refusals added last")
 
 
 def cmd_assemble(a) -> None:
@@ -107,10 +149,12 @@ def cmd_assemble(a) -> None:
         texts = {w["kind"]: w["text"] for w in r["written"]}
         texts["default"], texts["sft"] = s["default"], s["sft"]
         kinds = [k for g in lab["order"] for k in g]
+        if "policy" in kinds:  # a policy's reply joins only the rankings whose label places it
+            texts["policy"] = s["policy"]
         if sorted(kinds) != sorted(texts):
             sys.exit(f"{r['id']}: label order {lab['order']} must list exactly {sorted(texts)}")
         rank = {k: g for g, group in enumerate(lab["order"]) for k in group}
-        order = [w["kind"] for w in r["written"]] + ["default", "sft"]
+        order = [w["kind"] for w in r["written"]] + ["default", "sft"] + (["policy"] if "policy" in texts else [])
         out.append({
             "id": r["id"], "category": r["category"], "split": "heldout" if r["id"] in held else "train",
             "prompt": r["prompt"], "responses": [texts[k] for k in order], "ranks": [rank[k] for k in order],
@@ -129,11 +173,15 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("sample")
     p.add_argument("--sft", default=None, help="the SFT checkpoint (without it: only the embedded model's samples)")
+    p.add_argument("--policy", default=None, help="a PPO checkpoint: its replies are kept as kind 'policy' and join a "
+                   "ranking only where a label places them (used to label the replies a policy learned to hack with)")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("relabel-refusals")
+    p.set_defaults(func=cmd_relabel_refusals)
     p = sub.add_parser("assemble")
     p.add_argument("--heldout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)

@@ -143,6 +143,21 @@ def test_resume_after_sigkill_matches_uninterrupted(ref_run, tiny_dir):
     assert [d.name for d in state.iterdir() if d.is_dir()] == ["step-0000006"]
 
 
+def test_resume_with_gradient_checkpointing_gives_the_same_run(ref_run, tiny_dir):
+    # a run that grew short of memory resumes with activations recomputed, to the same result
+    tmp_path, ref = ref_run
+    cfg = cfg_for(tmp_path, tiny_dir, "gc")
+    p = subprocess.run([sys.executable, "-c", CHILD, cfg.model_dump_json()], env=child_env(KILL_AT_STATE="4"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    resumed = run_sft(cfg.model_copy(update={"resume": True, "gradient_checkpointing": True}))
+    got, want = losses(resumed), losses(ref)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
+    w_ref, w_res = weights(ref), weights(resumed)
+    assert all(torch.allclose(w_ref[k], w_res[k], atol=1e-5) for k in w_ref)
+
+
 def test_resume_refuses_changed_settings(tmp_path, tiny_dir):
     cfg = cfg_for(tmp_path, tiny_dir, "r", epochs=1, save_every=0, eval_fraction=0)
     run_sft(cfg)

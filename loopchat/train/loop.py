@@ -46,8 +46,10 @@ from loopchat.config import Config, ConfigError, dump_config
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, int | torch.Tensor, dict[str, float]]"]
 
-# Settings that may differ when resuming: they don't change what is computed.
-RESUME_MAY_CHANGE = {"resume", "out", "eval_every", "save_every", "log_every", "save_total_limit"}
+# Settings that may differ when resuming: they don't change what is computed. Gradient
+# checkpointing recomputes activations instead of keeping them, so a run that grew short of
+# memory can resume with it on.
+RESUME_MAY_CHANGE = {"resume", "out", "eval_every", "save_every", "log_every", "save_total_limit", "gradient_checkpointing"}
 
 
 class TrainConfig(Config):

@@ -1,0 +1,53 @@
+"""The bundled comparison set follows its labelling guideline (scripts/build_comparisons.py):
+a refusal of a request that should be answered ranks last, and a policy's sampled reply is in
+a ranking only as such a refusal. A reward model trained on rankings that place needless
+refusals mid-table was hacked by refusing (ppo-v3 in the README)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from loopchat.evaluate.rubric import is_refusal
+from loopchat.train.reward import BUNDLED_COMPARISONS
+
+PATH = BUNDLED_COMPARISONS / "rankings.jsonl"
+REFUSAL_OK = {"harmful_refusal", "cannot_act"}
+
+pytestmark = pytest.mark.skipif(not PATH.exists(), reason="bundled comparison set not built yet")
+
+
+def rows() -> list[dict]:
+    return [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
+
+
+def test_rankings_are_well_formed():
+    data = rows()
+    assert len({r["id"] for r in data}) == len(data)
+    for r in data:
+        k = len(r["responses"])
+        assert k >= 2 and len(r["ranks"]) == k and len(r["kinds"]) == k, r["id"]
+        assert len(set(r["kinds"])) == k, r["id"]
+        assert sorted(set(r["ranks"])) == list(range(len(set(r["ranks"])))), r["id"]  # ranks are dense groups
+        assert r["split"] in {"train", "heldout"}
+
+
+def test_needless_refusals_rank_last():
+    data = rows()
+    placed = Counter()
+    for r in data:
+        if r["category"] in REFUSAL_OK:
+            assert "policy" not in r["kinds"], r["id"]
+            continue
+        worst = max(r["ranks"])
+        for kind, rank, text in zip(r["kinds"], r["ranks"], r["responses"], strict=True):
+            if kind in {"needless_refusal", "policy"}:
+                assert rank == worst, f"{r['id']}: {kind} ranked {rank}, worst is {worst}"
+                placed[kind] += 1
+            if kind == "policy":
+                assert is_refusal(text), r["id"]
+    # the guideline has data to act on: both kinds occur, in train and held-out rankings
+    assert placed["needless_refusal"] >= 20 and placed["policy"] >= 50
+    assert {r["split"] for r in data if "policy" in r["kinds"]} == {"train", "heldout"}
