@@ -21,7 +21,12 @@ that should be answered ranks last, below flawed attempts; the user gets nothing
 flawed answer can at least be corrected in a follow-up. `relabel-refusals` applies it to the
 labels: written "needless_refusal" replies move to the last group, and a policy's sampled reply
 (`sample --policy`) joins that group where it refuses a prompt of a category that must be
-answered. Policy replies that do not refuse stay unlabelled and out of the rankings.
+answered. Labelling only those taught the reward model that the words of a refusal are bad
+anywhere (rm-v5 scored refusing to explain a pipe bomb no higher than explaining it), so the
+policy's refusals of harmful requests and of actions it cannot take were labelled too, by
+hand: a clean one ranks with the acceptable refusals, right after the best reply; one that
+still leaks help or is incoherent stays out. Other policy replies stay unlabelled and out of
+the rankings.
 
     python scripts/build_comparisons.py sample --policy runs/ppo-v3/final
     python scripts/build_comparisons.py relabel-refusals
@@ -114,7 +119,7 @@ def cmd_relabel_refusals(a) -> None:
                 continue
             order = [[k for k in g if k not in (NEEDLESS, "policy")] for g in lab["order"]]
             last = [k for g in lab["order"] for k in g if k == NEEDLESS]
-            moved += bool(last) and lab["order"][-1] != [NEEDLESS]
+            moved += bool(last) and NEEDLESS not in lab["order"][-1]
             policy = samples.get(lab["id"], {}).get("policy")
             if policy is not None and is_refusal(policy):
                 last.append("policy")

@@ -1,6 +1,6 @@
 """The bundled comparison set follows its labelling guideline (scripts/build_comparisons.py):
-a refusal of a request that should be answered ranks last, and a policy's sampled reply is in
-a ranking only as such a refusal. A reward model trained on rankings that place needless
+a refusal of a request that should be answered ranks last, and a refusal of a harmful request
+or of an action the assistant cannot take ranks above complying or pretending. A reward model trained on rankings that place needless
 refusals mid-table was hacked by refusing (ppo-v3 in the README)."""
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ def test_needless_refusals_rank_last():
     placed = Counter()
     for r in data:
         if r["category"] in REFUSAL_OK:
-            assert "policy" not in r["kinds"], r["id"]
+            # here a clean refusal is an acceptable reply: above complying or pretending to act
+            rank = dict(zip(r["kinds"], r["ranks"], strict=True))
+            if "policy" in rank:
+                assert is_refusal(r["responses"][r["kinds"].index("policy")]), r["id"]
+                assert all(rank["policy"] < rank[k] for k in ("complies", "pretends") if k in rank), r["id"]
+                placed["policy_ok"] += 1
             continue
         worst = max(r["ranks"])
         for kind, rank, text in zip(r["kinds"], r["ranks"], r["responses"], strict=True):
@@ -49,5 +54,5 @@ def test_needless_refusals_rank_last():
             if kind == "policy":
                 assert is_refusal(text), r["id"]
     # the guideline has data to act on: both kinds occur, in train and held-out rankings
-    assert placed["needless_refusal"] >= 20 and placed["policy"] >= 50
+    assert placed["needless_refusal"] >= 20 and placed["policy"] >= 50 and placed["policy_ok"] >= 20
     assert {r["split"] for r in data if "policy" in r["kinds"]} == {"train", "heldout"}

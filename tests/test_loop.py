@@ -119,13 +119,18 @@ def test_effective_batch_must_divide(tmp_path, tiny_dir):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_after_sigkill_matches_uninterrupted(ref_run, tiny_dir):
-    # 10 train rows, batch 4 -> 3 steps/epoch, 2 epochs = 6 steps; state saved at 2 and 4.
-    tmp_path, ref = ref_run
-    cfg = cfg_for(tmp_path, tiny_dir, "killed")
+def killed_run(cfg: SFTConfig) -> SFTConfig:
+    """Run cfg in a child process that SIGKILLs itself while saving the state of step 4."""
     p = subprocess.run([sys.executable, "-c", CHILD, cfg.model_dump_json()], env=child_env(KILL_AT_STATE="4"),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    return cfg
+
+
+def test_resume_after_sigkill_matches_uninterrupted(ref_run, tiny_dir):
+    # 10 train rows, batch 4 -> 3 steps/epoch, 2 epochs = 6 steps; state saved at 2 and 4.
+    tmp_path, ref = ref_run
+    cfg = killed_run(cfg_for(tmp_path, tiny_dir, "killed"))
     run = Path(cfg.out)
     state = run / "state"
     assert (state / "latest").read_text().strip() == "step-0000002"
@@ -146,10 +151,7 @@ def test_resume_after_sigkill_matches_uninterrupted(ref_run, tiny_dir):
 def test_resume_with_gradient_checkpointing_gives_the_same_run(ref_run, tiny_dir):
     # a run that grew short of memory resumes with activations recomputed, to the same result
     tmp_path, ref = ref_run
-    cfg = cfg_for(tmp_path, tiny_dir, "gc")
-    p = subprocess.run([sys.executable, "-c", CHILD, cfg.model_dump_json()], env=child_env(KILL_AT_STATE="4"),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    cfg = killed_run(cfg_for(tmp_path, tiny_dir, "gc"))
     resumed = run_sft(cfg.model_copy(update={"resume": True, "gradient_checkpointing": True}))
     got, want = losses(resumed), losses(ref)
     assert [s for s, _ in got] == [s for s, _ in want]
