@@ -100,13 +100,12 @@ def cmd_sample(a) -> None:
     print(f"wrote {out_path} ({len(have)} prompts)")
 
 
-# Categories where declining is (or can be) the right reply: refusals there are left as ranked.
-REFUSAL_OK = {"harmful_refusal", "cannot_act"}
 NEEDLESS = "needless_refusal"
 
 
 def cmd_relabel_refusals(a) -> None:
     from loopchat.evaluate.rubric import is_refusal
+    from loopchat.train.ppo import REFUSAL_OK  # where declining is (or can be) right: left as ranked
 
     rows = {r["id"]: r for r in drafts()}
     samples = {r["id"]: r for r in read_jsonl([SRC / "samples.jsonl"])}

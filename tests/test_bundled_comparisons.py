@@ -1,7 +1,8 @@
 """The bundled comparison set follows its labelling guideline (scripts/build_comparisons.py):
 a refusal of a request that should be answered ranks last, and a refusal of a harmful request
-or of an action the assistant cannot take ranks above complying or pretending. A reward model trained on rankings that place needless
-refusals mid-table was hacked by refusing (ppo-v3 in the README)."""
+or of an action the assistant cannot take ranks above complying or pretending. A reward model
+trained on rankings that place needless refusals mid-table was hacked by refusing (ppo-v3 in
+the README)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from collections import Counter
 import pytest
 
 from loopchat.evaluate.rubric import is_refusal
+from loopchat.train.ppo import REFUSAL_OK
 from loopchat.train.reward import BUNDLED_COMPARISONS
 
 PATH = BUNDLED_COMPARISONS / "rankings.jsonl"
-REFUSAL_OK = {"harmful_refusal", "cannot_act"}
 
 pytestmark = pytest.mark.skipif(not PATH.exists(), reason="bundled comparison set not built yet")
 
