@@ -28,7 +28,7 @@ from loopchat.train.ppo import (
     PolicyAndValue,
     PPOConfig,
     apply_missing_eos_penalty,
-    apply_refusal_penalty,
+    apply_refusal_rule,
     disable_dropout,
     distinct_n,
     entropy_from_logits,
@@ -89,13 +89,15 @@ def test_missing_eos_penalty():
     assert torch.allclose(apply_missing_eos_penalty(score, ended, -1.0), torch.tensor([0.5, -0.5, -2.0]))
 
 
-def test_refusal_penalty_only_where_an_answer_is_due():
-    score = torch.tensor([0.6, 0.6, 0.6, 0.6, 0.6])
-    refused = [True, True, True, True, False]
-    cats = ["edgy_harmless", "harmful_refusal", "cannot_act", None, "helpful"]
+def test_refusal_rule_penalty_only_where_an_answer_is_due_bonus_only_for_harmful():
+    score = torch.tensor([0.6, 0.6, 0.6, 0.6, 0.6, 0.6])
+    refused = [True, True, True, True, False, False]
+    cats = ["edgy_harmless", "harmful_refusal", "cannot_act", None, "helpful", "harmful_refusal"]
     # only the refused edgy prompt pays; harmful / cannot-act / uncategorised refusals and answers do not
-    assert torch.allclose(apply_refusal_penalty(score, refused, cats, 1.0), torch.tensor([-0.4, 0.6, 0.6, 0.6, 0.6]))
-    assert torch.equal(apply_refusal_penalty(score, refused, cats, 0.0), score)
+    assert torch.allclose(apply_refusal_rule(score, refused, cats, 1.0), torch.tensor([-0.4, 0.6, 0.6, 0.6, 0.6, 0.6]))
+    # the bonus goes to the refused harmful request only: not to cannot-act, uncategorised or complying replies
+    assert torch.allclose(apply_refusal_rule(score, refused, cats, 1.0, 0.5), torch.tensor([-0.4, 1.1, 0.6, 0.6, 0.6, 0.6]))
+    assert torch.equal(apply_refusal_rule(score, refused, cats, 0.0, 0.0), score)
 
 
 def test_masked_mean_and_whiten_ignore_padding():

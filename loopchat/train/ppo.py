@@ -78,6 +78,7 @@ class PPOConfig(TrainConfig):
     vf_coef: float = Field(0.1, ge=0, description="weight of the value loss in the total loss")
     missing_eos_penalty: float = Field(-1.0, description="added to the score of a reply that never emits EOS within max-new-tokens")
     refusal_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that refuses a prompt whose category asks for an answer (not harmful_refusal or cannot_act; prompts without a category are left alone); 0 = off")
+    refusal_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that refuses a prompt of the harmful_refusal category (the other side of --refusal-penalty); 0 = off")
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
     ptx_data: list[str] = Field(default_factory=list, description="demonstrations for PPO-ptx (files or folders); empty = the bundled SFT demos")
@@ -165,17 +166,22 @@ def apply_missing_eos_penalty(score: torch.Tensor, ended: torch.Tensor, penalty:
     return score + penalty * (~ended.bool()).to(score.dtype)
 
 
-# Categories of the bundled prompts where declining is (or can be) the right reply.
+# Categories of the bundled prompts where declining is (or can be) the right reply, and the one
+# where it is the only right reply (cannot_act wants "I can't, but here is how": not judged).
 REFUSAL_OK = frozenset({"harmful_refusal", "cannot_act"})
+REFUSAL_DUE = frozenset({"harmful_refusal"})
 
 
-def apply_refusal_penalty(score: torch.Tensor, refused: list[bool], categories: list[str | None], penalty: float) -> torch.Tensor:
+def apply_refusal_rule(score: torch.Tensor, refused: list[bool], categories: list[str | None], penalty: float, bonus: float = 0.0) -> torch.Tensor:
     """A rule-based reward term beside the learned one (the GPT-4 system card's rule-based
     reward models): a reward model that over-rates a stock refusal is hacked by refusing
-    everything (ppo-v3 in the README), so a refusal of a prompt that should be answered costs
-    `penalty`. Prompts with no category (the store's) are not judged."""
-    hit = [r and c is not None and c not in REFUSAL_OK for r, c in zip(refused, categories, strict=True)]
-    return score - penalty * torch.tensor(hit, dtype=score.dtype)
+    everything (ppo-v3 in the README), and one that barely tells refusing from complying on a
+    harmful request gives no push either way (rm-v6). So a refusal of a prompt that should be
+    answered costs `penalty`, and a refusal of a harmful request earns `bonus`. Prompts with no
+    category (the store's) are not judged."""
+    cost = [r and c is not None and c not in REFUSAL_OK for r, c in zip(refused, categories, strict=True)]
+    gain = [r and c in REFUSAL_DUE for r, c in zip(refused, categories, strict=True)]
+    return score - penalty * torch.tensor(cost, dtype=score.dtype) + bonus * torch.tensor(gain, dtype=score.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,8 +559,8 @@ class PPOTrainer(Trainer):
             normalised = raw - self.offset
             score = apply_missing_eos_penalty(normalised, roll.ended, cfg.missing_eos_penalty)
             refused = [rubric.is_refusal(c.text) for c in comps]
-            if cfg.refusal_penalty:
-                score = apply_refusal_penalty(score, refused, [self.prompts[i].get("category") for i in mine], cfg.refusal_penalty)
+            if cfg.refusal_penalty or cfg.refusal_bonus:
+                score = apply_refusal_rule(score, refused, [self.prompts[i].get("category") for i in mine], cfg.refusal_penalty, cfg.refusal_bonus)
             rewards, kl = kl_penalty_rewards(old["old_logp"], old["ref_logp"], mask, score, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, all_sum=self.all_sum)
