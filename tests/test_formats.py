@@ -123,6 +123,24 @@ def test_read_preference_implicit_prompt():
     assert r.rankings[0].groups == [[r.nodes[1].id], [r.nodes[2].id]]
 
 
+def test_read_prompt_completion_conversational_and_standard():
+    recs = read_file(FIX / "prompt_completion.jsonl")
+    assert [(n.role, n.content) for n in recs[0].nodes] == [("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4.")]
+    assert recs[0].meta == {"id": "pc1"} and recs[0].rankings == []
+    assert list(sft_messages(recs[0])) == [[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]]
+    assert [(n.role, n.content) for n in recs[1].nodes] == [("user", "The capital of France is"), ("assistant", " Paris.")]
+
+
+def test_prompt_completion_errors_name_the_field(tmp_path):
+    bad = write_lines(tmp_path / "pc.jsonl", [{"prompt": "Hi", "completion": [{"role": "user", "content": "Hi again"}]}])
+    with pytest.raises(FormatError, match=r'pc\.jsonl line 1: field "completion"\[0\]\.role: expected "assistant"'):
+        read_file(bad)
+    kto = write_lines(tmp_path / "kto.jsonl", [{"prompt": "Hi", "completion": "Go away.", "label": False}])
+    with pytest.raises(FormatError, match=r'kto\.jsonl line 1: field "label": unpaired preference'):
+        read_file(kto)
+
+
 def test_read_ranking_with_ties():
     recs = read_file(FIX / "ranking.jsonl")
     r = recs[0]
@@ -270,6 +288,7 @@ def test_oasst_flat_orphans_and_cycles(tmp_path):
 
 @pytest.mark.parametrize("name,fmt", [
     ("messages.jsonl", "messages"),
+    ("prompt_completion.jsonl", "prompt-completion"),
     ("preference.jsonl", "preference"),
     ("preference_standard.jsonl", "preference"),
     ("preference_implicit.jsonl", "preference"),

@@ -256,6 +256,21 @@ def test_rm_score_and_eval_cli(toy_run):
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_rm_score_reads_trl_prompt_completion(toy_run):
+    import io
+
+    from loopchat.evaluate.rm import score_file
+
+    d, run = toy_run
+    f = d / "pc.jsonl"
+    f.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": "question number 3?"}], "completion": c}) + "\n" for c in ("yes", "maybe")))
+    rows = score_file(str(run), str(f), out=io.StringIO())
+    model, tok = R.load_reward_model(str(run))
+    want = R.score_replies(model, tok, [[{"role": "user", "content": "question number 3?"}]] * 2, ["yes", "maybe"])
+    assert [r["reward"] for r in rows] == pytest.approx(want, abs=0.05)  # (bf16 autocast in score_file)
+    assert rows[0]["reward"] > rows[1]["reward"]
+
+
 def test_eval_rm_calibration_table():
     from loopchat.evaluate.rm import calibration
 

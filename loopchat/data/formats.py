@@ -6,6 +6,7 @@ Formats (Hugging Face Hub / TRL conventions):
 * ``preference``   JSONL (TRL): ``{"prompt", "chosen", "rejected"}`` in conversational form (lists of
                    messages) or standard form (strings); also TRL's implicit-prompt form
                    ``{"chosen": [full conversation], "rejected": [full conversation]}``
+* ``prompt-completion`` JSONL (TRL): ``{"prompt", "completion"}``, strings or lists of messages (read only)
 * ``ranking``      JSONL (ours): ``{"prompt": [messages], "responses": [str, ...], "ranks": [0, 1, 1, 2]}``
 * ``hh-rlhf``      Anthropic transcripts ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}`` (read only)
 * ``oasst``        OpenAssistant ``*.trees.jsonl`` or flat messages JSONL (read only)
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .records import ROLES, ConversationRecord, Node, RankingRecord
 
-FORMATS = ("messages", "preference", "ranking", "hh-rlhf", "oasst", "ultrafeedback")
+FORMATS = ("messages", "prompt-completion", "preference", "ranking", "hh-rlhf", "oasst", "ultrafeedback")
 WRITABLE_FORMATS = ("messages", "preference", "ranking")
 
 __all__ = [
@@ -313,6 +314,16 @@ def _row_messages(obj: dict, loc: _Loc) -> ConversationRecord:
     b = _Builder()
     b.chain(None, msgs)
     return ConversationRecord(b.nodes, [], source="messages", meta=_extras(obj, ["messages"]))
+
+
+def _row_prompt_completion(obj: dict, loc: _Loc) -> ConversationRecord:
+    if "label" in obj:  # TRL's unpaired preference (KTO): a completion may be a bad example
+        raise loc.error(_q("label"), "unpaired preference rows (prompt, completion, label) are not supported: use preference pairs or rankings")
+    prompt = _prompt_messages(_get(obj, "prompt", loc, _q("prompt")), loc, _q("prompt"))
+    completion = _completion_messages(_get(obj, "completion", loc, _q("completion")), loc, _q("completion"))
+    b = _Builder()
+    b.chain(None, prompt + completion)
+    return ConversationRecord(b.nodes, [], source="prompt-completion", meta=_extras(obj, ["prompt", "completion"]))
 
 
 def _row_preference(obj: dict, loc: _Loc) -> ConversationRecord:
@@ -599,6 +610,7 @@ def _read_oasst_messages(rows: Iterable[tuple[_Loc, Any]], result: ReadResult, s
 
 _ROW_PARSERS: dict[str, Callable[[dict, _Loc], ConversationRecord]] = {
     "messages": _row_messages,
+    "prompt-completion": _row_prompt_completion,
     "preference": _row_preference,
     "ranking": _row_ranking,
     "hh-rlhf": _row_hh,
@@ -622,6 +634,8 @@ def _detect_obj(obj: dict) -> str | None:
         return "hh-rlhf"
     if "messages" in keys:
         return "messages"
+    if {"prompt", "completion"} <= keys:
+        return "prompt-completion"
     return None
 
 
