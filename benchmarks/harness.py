@@ -19,6 +19,33 @@ def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def versions(trl: bool = False) -> dict:
+    """The library versions the numbers depend on (written beside every results table)."""
+    import importlib.metadata
+
+    import torch
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if trl:
+        try:
+            out["trl"] = importlib.metadata.version("trl")
+        except importlib.metadata.PackageNotFoundError:
+            out["trl"] = "not installed"
+    return out
+
+
+def environment_line(cpu: bool, threads: int, vers: dict) -> str:
+    """The table's first line: the device, then `versions()`."""
+    import platform
+
+    import torch
+
+    device = (f"cpu ({platform.processor() or platform.machine()}, {threads} threads)" if cpu
+              else (torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda"))
+    return f"device: {device}, " + ", ".join(f"{k} {v}" for k, v in vers.items())
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         import torch

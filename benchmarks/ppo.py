@@ -100,7 +100,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from harness import eprint, in_subprocess, make_model, peak_mem, sync  # noqa: E402
+from harness import environment_line, eprint, in_subprocess, make_model, peak_mem, sync, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ALL_VARIANTS = ["full", "lora"]
@@ -409,14 +409,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    import platform
-
-    import torch
-    import transformers
-
-    header = (f"device: cpu ({platform.processor() or platform.machine()}, {a['threads']} threads)" if cpu
-              else f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cuda'}")
-    print(f"\n{header}, torch {torch.__version__}, transformers {transformers.__version__}")
+    env = versions(trl=False)
+    print(f"\n{environment_line(cpu, a['threads'], env)}")
     print(f"policy/reference: {label}; reward/value: {reward_label}; prompts: bundled; {a['rollout_batch']} rollouts/iteration, "
           f"max_new_tokens {a['max_new_tokens']}, batch {a['batch_size']} x {a['grad_accum']} micro-steps, {a['ppo_epochs']} PPO epochs, "
           f"bf16 autocast; mean of {a['iterations']} timed iterations after {a['warmup']} warm-up\n")
@@ -454,7 +448,7 @@ def main() -> None:
             print(line)
     out = Path(args.out) if args.out else HERE / "results" / f"ppo-{args.device}{'-tiny' if args.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": {**a, "variants": variants, "torch": torch.__version__, "transformers": transformers.__version__},
+    out.write_text(json.dumps({"settings": {**a, "variants": variants, **env},
                                "on_paper": on_paper(ok, not cpu) if ok else [], "results": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
 

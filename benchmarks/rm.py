@@ -103,7 +103,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import add_mfu, autocast_probe, eprint, in_subprocess, make_model, matmul_params, peak_mem, sync  # noqa: E402
+from harness import add_mfu, autocast_probe, environment_line, eprint, in_subprocess, make_model, matmul_params, peak_mem, sync, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ALL_VARIANTS = ["loopchat", "loopchat-flat", "trl"]
@@ -539,22 +539,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    import platform
-
-    import torch
-
-    header = (f"device: cpu ({platform.processor() or platform.machine()}, {a['threads']} threads)" if cpu
-              else f"device: {torch.cuda.get_device_name()}")
-    import importlib.metadata
-
-    import transformers
-
-    try:
-        trl_version = importlib.metadata.version("trl")
-    except importlib.metadata.PackageNotFoundError:
-        trl_version = "not installed"
-
-    print(f"\n{header}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; model: {label}")
+    env = versions(trl=True)
+    print(f"\n{environment_line(cpu, a['threads'], env)}; model: {label}")
     print(f"data: {data_label}; max_seq_len {a['max_seq_len']}; {a['grad_accum']} micro-steps per optimizer step\n")
     ok = [r for r in rows if not r.get("failed")]
     base = next((r["pairs_per_s"] for r in ok if r["variant"] == "trl"), None)
@@ -596,8 +582,7 @@ def main() -> None:
                  "so the flat runs' steps cover the same pair list but not step by step the same pairs)"))
     out = Path(args.out) if args.out else HERE / "results" / f"rm-{args.device}{'-tiny' if args.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": {**a, "model_label": label, "torch": torch.__version__,
-                                            "transformers": transformers.__version__, "trl": trl_version},
+    out.write_text(json.dumps({"settings": {**a, "model_label": label, **env},
                                "results": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
 

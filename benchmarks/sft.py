@@ -70,7 +70,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import add_mfu, autocast_probe, in_subprocess, make_model, matmul_params, peak_mem, sync  # noqa: E402
+from harness import add_mfu, autocast_probe, environment_line, in_subprocess, make_model, matmul_params, peak_mem, sync, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ALL_VARIANTS = ["loopchat", "trl", "trl-packed", "trl-gc"]
@@ -387,22 +387,8 @@ def main() -> None:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    import platform
-
-    import torch
-
-    header = (f"device: cpu ({platform.processor() or platform.machine()}, {a['threads']} threads)" if cpu
-              else f"device: {torch.cuda.get_device_name()}")
-    import importlib.metadata
-
-    import transformers
-
-    try:
-        trl_version = importlib.metadata.version("trl")
-    except importlib.metadata.PackageNotFoundError:
-        trl_version = "not installed"
-
-    print(f"\n{header}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; model: {label}\n")
+    env = versions(trl=True)
+    print(f"\n{environment_line(cpu, a['threads'], env)}; model: {label}\n")
     ok = [r for r in rows if not r.get("failed")]
     base = next((r["tokens_per_s"] for r in ok if r["variant"] == "trl"), None)
     mfu = not cpu
@@ -423,8 +409,7 @@ def main() -> None:
               f"max attention length {r['max_attention_len']}" + "".join(f"; {n}" for n in r["notes"]))
     out = Path(args.out) if args.out else HERE / "results" / f"sft-{args.device}{'-tiny' if args.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": {**a, "model_label": label, "torch": torch.__version__,
-                                            "transformers": transformers.__version__, "trl": trl_version},
+    out.write_text(json.dumps({"settings": {**a, "model_label": label, **env},
                                "results": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
 
