@@ -267,7 +267,7 @@ def test_rm_score_reads_trl_prompt_completion(toy_run):
     rows = score_file(str(run), str(f), out=io.StringIO())
     model, tok = R.load_reward_model(str(run))
     want = R.score_replies(model, tok, [[{"role": "user", "content": "question number 3?"}]] * 2, ["yes", "maybe"])
-    assert [r["reward"] for r in rows] == pytest.approx(want, abs=0.05)  # (bf16 autocast in score_file)
+    assert [r["reward"] for r in rows] == pytest.approx(want, abs=1e-6)  # the same scoring path as score_replies
     assert rows[0]["reward"] > rows[1]["reward"]
 
 
