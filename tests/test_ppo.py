@@ -630,3 +630,19 @@ def test_two_processes(words_setup, tmp_path):
     assert [r["iteration"] for r in recs] == [1, 2]
     assert all(math.isfinite(r["reward"]) and math.isfinite(r["pg_loss"]) for r in recs)
     assert (run / "final" / "value" / "model.safetensors").exists()
+
+
+def test_balanced_indices_give_every_category_the_same_share():
+    from collections import Counter
+
+    from loopchat.train.ppo import balanced_indices
+
+    cats = ["big"] * 30 + ["small"] * 3 + [None] * 6  # None prompts form their own category
+    a = balanced_indices(cats, 12, 0, seed=1)
+    assert Counter(cats[i] for i in a) == {"big": 4, "small": 4, None: 4}
+    # a small category cycles through all its prompts before repeating one
+    small = [i for it in range(3) for i in balanced_indices(cats, 12, it, seed=1) if cats[i] == "small"]
+    assert sorted(small[:3]) == [30, 31, 32] and sorted(small[3:6]) == [30, 31, 32]
+    # depends only on (seed, iteration): what a resumed run needs
+    assert balanced_indices(cats, 12, 5, seed=1) == balanced_indices(cats, 12, 5, seed=1)
+    assert balanced_indices(cats, 12, 5, seed=1) != balanced_indices(cats, 12, 5, seed=2)

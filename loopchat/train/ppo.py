@@ -47,7 +47,7 @@ from loopchat.evaluate import rubric
 from loopchat.generate import SamplingParams
 from loopchat.train import reward as rm
 from loopchat.train import rollout as ro
-from loopchat.train.loop import Trainer, TrainConfig, _publish_dir, is_main_process, save_hf_checkpoint, step_indices, to_device
+from loopchat.train.loop import Trainer, TrainConfig, _publish_dir, epoch_order, is_main_process, save_hf_checkpoint, step_indices, to_device
 from loopchat.train.sft import SFTConfig, make_collate, prepare_data, sft_loss
 
 # (prompts as messages, reply texts) -> raw scores; replaces the reward model (tests, rule-based rewards)
@@ -63,6 +63,7 @@ class PPOConfig(TrainConfig):
     max_prompt_len: int = Field(256, ge=8, description="skip prompts longer than this many tokens (chat template included)")
     iterations: int = Field(50, ge=1, description="rollout + optimisation rounds")
     rollout_batch: int = Field(32, ge=1, description="prompts sampled per iteration over all processes (one reply each)")
+    balance_categories: bool = Field(False, description="sample every prompt category equally often (round-robin over categories, each cycling through its own prompts) instead of in proportion to its size; prompts without a category form one category")
     ppo_epochs: int = Field(2, ge=1, description="optimisation passes over each iteration's rollouts")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs are computed at the same temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off; PPO's log-probs are of the full distribution)")
@@ -222,6 +223,26 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     l_clipped = (v_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(l_unclipped, l_clipped), mask)
     return loss, masked_mean((l_clipped > l_unclipped).float(), mask).detach()
+
+
+def balanced_indices(categories: list[str | None], batch_size: int, it: int, seed: int) -> list[int]:
+    """Prompt indices of iteration `it` with every category equally often: slot g of the run
+    (g = it * batch_size + j) goes to category g mod C (categories in a seeded order), which
+    hands out its prompts in its own seeded epoch order. A small category (25 false
+    "corrections") then gets as many rollouts as a large one (91 general questions), and the
+    choice depends only on (seed, it), so a resumed run or one on more processes agrees."""
+    by_cat: dict[str, list[int]] = {}
+    for i, c in enumerate(categories):
+        by_cat.setdefault(str(c), []).append(i)
+    names = sorted(by_cat)
+    names = [names[k] for k in epoch_order(len(names), 0, seed)]
+    C, out = len(names), []
+    for j in range(batch_size):
+        g = it * batch_size + j
+        members = by_cat[names[g % C]]
+        epoch, k = divmod(g // C, len(members))
+        out.append(members[epoch_order(len(members), epoch, seed + 7919 * (g % C + 1))[k]])
+    return out
 
 
 def total_loss(pg_loss: torch.Tensor, vf_loss: torch.Tensor, vf_coef: float, ptx_loss: torch.Tensor | None = None, ptx_coef: float = 0.0) -> torch.Tensor:
@@ -542,7 +563,10 @@ class PPOTrainer(Trainer):
             t0 = time.perf_counter()
             # 1. rollouts: this process's share of the iteration's prompts (a seeded order
             #    over all prompts, epoch after epoch; the sampling seed depends on the iteration)
-            _, idx = step_indices(len(self.prompts), cfg.rollout_batch, it, cfg.seed)
+            if cfg.balance_categories:
+                idx = balanced_indices([p.get("category") for p in self.prompts], cfg.rollout_batch, it, cfg.seed)
+            else:
+                _, idx = step_indices(len(self.prompts), cfg.rollout_batch, it, cfg.seed)
             mine = idx[rank::W]
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=T, top_p=cfg.top_p, seed=(cfg.seed * 100_003 + it) * 257 + rank)
             comps = sampler.generate([self.prompt_ids[i] for i in mine], params)
