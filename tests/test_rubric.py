@@ -480,3 +480,36 @@ def test_saved_results_are_rescored_with_the_current_rubrics(tmp_path):
     assert data["results"][0]["passed"] is False and "refused" in data["results"][0]["reasons"][0]
     assert data["results"][1]["passed"] is False  # an empty-ish reply fails the rubric
     assert data["summary"]["n"] == 2 and data["summary"]["passed"] == 0
+
+
+def test_pick_checkpoint_ranks_by_categories_at_least_as_good_then_better(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pick", Path(__file__).parent.parent / "scripts" / "pick_checkpoint.py")
+    pick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pick)
+
+    def res(name, passed, refusal=0.0):
+        return {"model": name, "summary": {"passed": sum(passed.values()), "refusal_rate": refusal,
+                                           "by_category": {c: {"passed": n} for c, n in passed.items()}}}
+
+    base = res("sft", {"a": 5, "b": 5, "c": 5})
+    more_total = res("x", {"a": 9, "b": 9, "c": 4})  # worse on one category
+    everywhere = res("y", {"a": 5, "b": 6, "c": 5})  # >= on all three, better on one
+    refuser = res("z", {"a": 6, "b": 6, "c": 6}, refusal=0.1)  # best counts, but refuses harmless prompts
+    keys = {d["model"]: pick.rank_key(d, base) for d in (more_total, everywhere, refuser)}
+    assert max(keys, key=keys.get) == "y"
+    assert keys["x"][1:] == (2, 2, 22) and keys["y"][1:] == (3, 1, 16)
+    # the command line reads files and prints the choice
+    paths = []
+    for d in (base, more_total, everywhere, refuser):
+        p = tmp_path / f"{d['model']}.json"
+        p.write_text(json.dumps(d))
+        paths.append(str(p))
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, spec.origin, "--baseline", paths[0], *paths[1:]], capture_output=True, text=True, check=True).stdout
+    assert "chosen: y" in out
