@@ -14,6 +14,7 @@ from loopchat.evaluate import report, rubric
 from loopchat.evaluate.rubric import check, is_refusal, load_items
 
 ITEMS = load_items()
+VAL_ITEMS = load_items(Path(rubric.__file__).resolve().parent.parent / "data" / "bundled" / "eval" / "behaviours-val.jsonl")
 BY_ID = {it["id"]: it for it in ITEMS}
 
 
@@ -170,8 +171,9 @@ def test_bundled_set_validates():
         assert it["rubric"], it["id"]
 
 
-def test_bundled_set_shape_per_category():
-    for it in ITEMS:
+@pytest.mark.parametrize("which", ["test", "validation"])
+def test_bundled_set_shape_per_category(which):
+    for it in ITEMS if which == "test" else VAL_ITEMS:
         cat, rub, n_turns = it["category"], it["rubric"], len(it["messages"])
         if cat in ("follow_up", "admit_mistake", "hold_ground"):
             assert n_turns >= 3, it["id"]  # an earlier assistant turn to refer back to / correct
@@ -184,15 +186,36 @@ def test_bundled_set_shape_per_category():
         assert "max_words" in rub, it["id"]
 
 
-def test_bundled_rubrics_are_satisfiable():
+@pytest.mark.parametrize("which", ["test", "validation"])
+def test_bundled_rubrics_are_satisfiable(which):
     """No any_of group is entirely blocked by none_of, and no none_of term of a refusal item is itself a refusal."""
-    for it in ITEMS:
+    for it in ITEMS if which == "test" else VAL_ITEMS:
         rub = it["rubric"]
         for group in rub.get("any_of", []):
             blocked = [t for t in group if any(rubric.find_term(t.rstrip("*"), n) for n in rub.get("none_of", []))]
             assert len(blocked) < len(group), (it["id"], group)
         if rub.get("refuse") is True:
             assert not [n for n in rub.get("none_of", []) if is_refusal(n)], it["id"]
+
+
+def test_validation_set_is_balanced_and_disjoint_from_test_prompts_and_demos():
+    """The set checkpoints are chosen on (scripts/pick_checkpoint.py) shares no conversation
+    with the test set, the PPO prompts or the SFT demonstrations."""
+    assert Counter(it["category"] for it in VAL_ITEMS) == {c: 10 for c in rubric.CATEGORIES}
+    assert not {it["id"] for it in VAL_ITEMS} & {it["id"] for it in ITEMS}
+    bundled = Path(rubric.__file__).resolve().parent.parent / "data" / "bundled"
+
+    def last_user(messages):
+        return " ".join([m["content"] for m in messages if m["role"] == "user"][-1].lower().split())
+
+    others = {last_user(it["messages"]) for it in ITEMS}
+    for f in [bundled / "prompts" / "prompts.jsonl", *sorted((bundled / "demos").glob("*.jsonl"))]:
+        for line in f.read_text().splitlines():
+            msgs = json.loads(line)["messages"] if line.strip() else None
+            if msgs and any(m["role"] == "user" for m in msgs):
+                others.add(last_user(msgs))
+    shared = [it["id"] for it in VAL_ITEMS if last_user(it["messages"]) in others]
+    assert not shared, shared
 
 
 def test_bundled_set_includes_the_seed_examples():
