@@ -646,3 +646,48 @@ def test_balanced_indices_give_every_category_the_same_share():
     # depends only on (seed, iteration): what a resumed run needs
     assert balanced_indices(cats, 12, 5, seed=1) == balanced_indices(cats, 12, 5, seed=1)
     assert balanced_indices(cats, 12, 5, seed=1) != balanced_indices(cats, 12, 5, seed=2)
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_interpolate_mixes_every_parameter_and_names_bad_input(tmp_path, tokenizer):
+    """scripts/interpolate.py: the written checkpoint is (1 - a) * base + a * policy for every
+    parameter (tied embeddings stay tied), loads and generates; a bad alpha or a different
+    architecture is refused with the reason."""
+    from conftest import make_tiny_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    interp = _load_script("interpolate")
+    base_dir = make_tiny_checkpoint(tmp_path / "base", tokenizer, seed=1)
+    pol_dir = make_tiny_checkpoint(tmp_path / "pol", tokenizer, seed=2)
+    out = interp.main(["--base", str(base_dir), "--policy", str(pol_dir), "--alpha", "0.25", "--out", str(tmp_path / "mix")])
+    base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    pol = AutoModelForCausalLM.from_pretrained(pol_dir).state_dict()
+    mixed_model = AutoModelForCausalLM.from_pretrained(out)
+    mixed = mixed_model.state_dict()
+    assert set(mixed) == set(base)
+    for name in base:
+        torch.testing.assert_close(mixed[name], 0.75 * base[name] + 0.25 * pol[name], msg=name)
+    assert mixed_model.get_output_embeddings().weight.data_ptr() == mixed_model.get_input_embeddings().weight.data_ptr()
+    assert (out / "tokenizer_config.json").is_file()
+    ids = torch.tensor([tokenizer.encode("hello")])
+    assert mixed_model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+    with pytest.raises(SystemExit, match="alpha must be in"):
+        interp.main(["--base", str(base_dir), "--policy", str(pol_dir), "--alpha", "1.5", "--out", str(tmp_path / "x")])
+    other = make_tiny_checkpoint(tmp_path / "wide", tokenizer, seed=3, hidden=32)
+    with pytest.raises(SystemExit, match="shape"):
+        interp.main(["--base", str(base_dir), "--policy", str(other), "--alpha", "0.5", "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="no config.json"):
+        interp.main(["--base", str(tmp_path), "--policy", str(pol_dir), "--alpha", "0.5", "--out", str(tmp_path / "z")])
+    # alpha 0 and 1 are the endpoints
+    end = interp.main(["--base", str(base_dir), "--policy", str(pol_dir), "--alpha", "0", "--out", str(tmp_path / "a0")])
+    for name, t in AutoModelForCausalLM.from_pretrained(end).state_dict().items():
+        torch.testing.assert_close(t, base[name], msg=name)
