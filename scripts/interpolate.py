@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
     for path in (args.base, args.policy):
         if not (Path(path) / "config.json").is_file():
             raise SystemExit(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
-    base = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32)
-    policy = AutoModelForCausalLM.from_pretrained(args.policy, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=torch.float32)
     # tied embeddings appear once in the state dict and stay tied after load_state_dict
     merged = interpolate_state(base.state_dict(), policy.state_dict(), args.alpha)
     policy.load_state_dict(merged)

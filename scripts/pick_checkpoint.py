@@ -1,7 +1,7 @@
 """Pick a PPO checkpoint on the VALIDATION behaviours, never on the test set.
 
     loopchat eval behaviours --items loopchat/data/bundled/eval/behaviours-val.jsonl \
-        --model runs/sft-v3/final --compare runs/ppo-v8/checkpoint-16 ... --out runs/val
+        --model runs/sft-v3/final --compare runs/ppo-v8/checkpoint-16 --compare ... --out runs/val
     python scripts/pick_checkpoint.py --baseline runs/val/behaviours-sft-v3_final.json runs/val/behaviours-*.json
 
 The rule is the issue's done-when, applied to validation results: a candidate is ranked by
