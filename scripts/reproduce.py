@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
+sys.path[:0] = [str(ROOT), str(SCRIPTS)]  # loopchat (from a checkout too) and pick_checkpoint.py
 VAL_ITEMS = ROOT / "loopchat/data/bundled/eval/behaviours-val.jsonl"
 # The earlier columns of the README's tables: the embedded model and SFT v3 on the test set.
 # Saved replies are re-scored with the current rubrics by `eval behaviours`.
@@ -67,7 +68,6 @@ def alpha_name(a: float) -> str:
 
 def results_json(out: Path, spec: Path) -> Path:
     """Where `eval behaviours --out out` writes a model's results (same naming as the command)."""
-    sys.path.insert(0, str(ROOT))
     from loopchat.evaluate.behaviours import _safe, label_of
 
     return out / f"behaviours-{_safe(label_of(str(spec)))}.json"
@@ -118,7 +118,6 @@ def validation_stage(out: Path, candidates: list[Path]) -> Stage:
 
 def pick(out: Path, candidates: list[Path]) -> Path:
     """The done-when rule of scripts/pick_checkpoint.py, on the validation results."""
-    sys.path.insert(0, str(SCRIPTS))
     from pick_checkpoint import load, rank_key
 
     val = out / "val"
