@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     import torch
 
     from loopchat.evaluate import report, rubric
-    from loopchat.evaluate.behaviours import BehavioursConfig, evaluate_model, select_items
+    from loopchat.evaluate.behaviours import BehavioursConfig, evaluate_model, results_path, select_items
     from loopchat.train.ppo import PPOConfig, run_ppo
     from loopchat.train.reward import RMConfig, run_rm
     from loopchat.train.sft import SFTConfig, run_sft
@@ -105,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     ev.mkdir(exist_ok=True)
     runs: dict[str, dict] = {}
     for label, spec in (("embedded", cfg.model), ("SFT", str(sft / "final")), ("PPO", str(ppo / "final"))):
-        path = ev / f"behaviours-{label}.json"
+        path = results_path(ev, label)
         data = json.loads(path.read_text()) if path.exists() else evaluate_model(spec, items, cfg.max_new_tokens)
         path.write_text(json.dumps(data, ensure_ascii=False, indent=1))
         runs[label] = data

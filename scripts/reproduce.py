@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 sys.path[:0] = [str(ROOT), str(SCRIPTS)]  # loopchat (from a checkout too) and pick_checkpoint.py
+# The run folders under --out; each name is also the docs/eval folder its settings come from.
+SFT, RM, PPO = "sft-v3", "rm-v7", "ppo-v8"
 VAL_ITEMS = ROOT / "loopchat/data/bundled/eval/behaviours-val.jsonl"
 # The earlier columns of the README's tables: the embedded model and SFT v3 on the test set.
 # Saved replies are re-scored with the current rubrics by `eval behaviours`.
@@ -63,14 +65,14 @@ def repeat(flag: str, values: list) -> list:
 
 
 def alpha_name(a: float) -> str:
-    return f"ppo-v8-a{a:g}"
+    return f"{PPO}-a{a:g}"
 
 
 def results_json(out: Path, spec: Path) -> Path:
-    """Where `eval behaviours --out out` writes a model's results (same naming as the command)."""
-    from loopchat.evaluate.behaviours import _safe, label_of
+    """Where `eval behaviours --out out` writes a model's results."""
+    from loopchat.evaluate.behaviours import label_of, results_path
 
-    return out / f"behaviours-{_safe(label_of(str(spec)))}.json"
+    return results_path(out, label_of(str(spec)))
 
 
 def spec_or_results(out: Path, spec: Path) -> Path:
@@ -81,22 +83,22 @@ def spec_or_results(out: Path, spec: Path) -> Path:
 
 
 def training_stages(out: Path) -> list[Stage]:
-    sft, rm, ppo = out / "sft-v3", out / "rm-v7", out / "ppo-v8"
+    sft, rm, ppo = out / SFT, out / RM, out / PPO
     return [
         # SFT v3: the README's SFT command (39 steps of 8 x 1024 packed tokens).
-        Stage("sft-v3", loopchat("train", "sft", "--model", "default", "--lr", "1.5e-4", "--epochs", "1.5", "--out", sft),
+        Stage(SFT, loopchat("train", "sft", "--model", "default", "--lr", "1.5e-4", "--epochs", "1.5", "--out", sft),
               [sft / "final/config.json"], resume_dir=sft),
-        Stage("rm-v7", loopchat("train", "rm", "--config", ROOT / "docs/eval/rm-v7/rm-config.yaml",
+        Stage(RM, loopchat("train", "rm", "--config", ROOT / f"docs/eval/{RM}/rm-config.yaml",
                                 "--model", sft / "final", "--out", rm),
               [rm / "final/config.json"], resume_dir=rm, needs=[sft / "final/config.json"]),
-        Stage("ppo-v8", loopchat("train", "ppo", "--config", ROOT / "docs/eval/ppo-v8/ppo-config.yaml",
+        Stage(PPO, loopchat("train", "ppo", "--config", ROOT / f"docs/eval/{PPO}/ppo-config.yaml",
                                  "--model", sft / "final", "--reward", rm, "--out", ppo),
               [ppo / "final/config.json"], resume_dir=ppo, needs=[rm / "final/config.json"]),
     ]
 
 
 def candidate_stages(out: Path, alphas: list[float]) -> tuple[list[Stage], list[Path]]:
-    sft, ppo = out / "sft-v3", out / "ppo-v8"
+    sft, ppo = out / SFT, out / PPO
     stages, candidates = [], [ppo / "final"]
     for a in alphas:
         dst = out / alpha_name(a)
@@ -108,7 +110,7 @@ def candidate_stages(out: Path, alphas: list[float]) -> tuple[list[Stage], list[
 
 
 def validation_stage(out: Path, candidates: list[Path]) -> Stage:
-    val, sft = out / "val", out / "sft-v3/final"
+    val, sft = out / "val", out / SFT / "final"
     models = [sft, *candidates]
     return Stage("validation behaviours", loopchat("eval", "behaviours", "--items", VAL_ITEMS,
                                                    "--model", spec_or_results(val, sft),
@@ -121,7 +123,7 @@ def pick(out: Path, candidates: list[Path]) -> Path:
     from pick_checkpoint import load, rank_key
 
     val = out / "val"
-    base = load(str(results_json(val, out / "sft-v3/final")))
+    base = load(str(results_json(val, out / SFT / "final")))
     scored = [(rank_key(load(str(results_json(val, c))), base), c) for c in candidates]
     best_key, best = max(scored, key=lambda kc: kc[0])
     (out / "pick.json").write_text(json.dumps({"chosen": str(best), "key": list(best_key),
@@ -131,13 +133,13 @@ def pick(out: Path, candidates: list[Path]) -> Path:
 
 def test_stages(out: Path, chosen: Path) -> list[Stage]:
     test = out / "test"
-    sft = out / "sft-v3/final"
+    sft = out / SFT / "final"
     return [
         Stage("test behaviours (chosen model, once)", loopchat("eval", "behaviours", "--model", spec_or_results(test, chosen),
                                                                *repeat("--compare", TEST_COMPARE), "--out", test),
               [results_json(test, chosen)]),
-        Stage("win rate vs SFT by rm-v7", loopchat("eval", "winrate", "--model", chosen, "--baseline", sft,
-                                                   "--reward", out / "rm-v7", "--out", test),
+        Stage(f"win rate vs SFT by {RM}", loopchat("eval", "winrate", "--model", chosen, "--baseline", sft,
+                                                   "--reward", out / RM, "--out", test),
               [test / "winrate.json"]),
     ]
 
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     chosen = pick(out, candidates)
     print(f"[pick] {chosen} (see {out / 'pick.json'}; the table: python scripts/pick_checkpoint.py "
-          f"--baseline {results_json(out / 'val', out / 'sft-v3/final')} {out / 'val'}/behaviours-*.json)", flush=True)
+          f"--baseline {results_json(out / 'val', out / SFT / 'final')} {out / 'val'}/behaviours-*.json)", flush=True)
     for st in test_stages(out, chosen):
         run_stage(st, timings, tpath, a.dry_run)
     print(f"done: {out / 'test'} (behaviours.html, winrate.json), timings in {tpath}")

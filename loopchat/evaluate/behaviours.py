@@ -94,6 +94,11 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
+def results_path(out: Path, label: str) -> Path:
+    """Where `eval behaviours --out out` writes the results of the model shown as `label`."""
+    return out / f"behaviours-{_safe(label)}.json"
+
+
 def load_or_run(spec: str, items: list[dict], cfg: BehavioursConfig) -> dict:
     if spec.endswith(".json") and Path(spec).is_file():
         data = json.loads(Path(spec).read_text())
@@ -121,7 +126,7 @@ def run_behaviours(cfg: BehavioursConfig) -> dict[str, dict]:
             label += "'"
         runs[label] = data
         if not spec.endswith(".json"):
-            path = out / f"behaviours-{_safe(label)}.json"
+            path = results_path(out, label)
             path.write_text(json.dumps(data, ensure_ascii=False, indent=1))
             print(f"wrote {path}")
     summaries = {label: d["summary"] for label, d in runs.items()}
