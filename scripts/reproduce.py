@@ -1,6 +1,6 @@
 """Rebuild the latest full PPO experiment from nothing, in one command, resumably:
 
-    python scripts/reproduce.py --out runs            # ~2.5 h on 2 AVX512-BF16 cores
+    python scripts/reproduce.py --out runs            # ~2 h 40 min on 2 AVX512-BF16 cores
     python scripts/reproduce.py --out runs --dry-run  # print the plan and what is already done
 
     SFT v3 ─► rm-v7 ─► ppo-v8 ─► interpolations toward SFT (alpha grid)
