@@ -31,6 +31,16 @@ the rankings.
     python scripts/build_comparisons.py sample --policy runs/ppo-v3/final
     python scripts/build_comparisons.py relabel-refusals
     python scripts/build_comparisons.py assemble
+
+Round 2, on-policy (InstructGPT's own recipe): K = 4 replies per PPO training prompt, two from
+the SFT model and two from a PPO policy, and nothing written; people rank all four, shown in
+a shuffled order under letters, without knowing which model wrote which. A second person
+ranks a batch again, blind, to measure how far the labels agree (`agreement-onpolicy`).
+The result goes to comparisons/onpolicy/, outside the default reward-model data.
+
+    python scripts/build_comparisons.py sample-onpolicy --models runs/sft-v3/final runs/ppo-v8/final --names sft ppo
+    python scripts/build_comparisons.py assemble-onpolicy
+    python scripts/build_comparisons.py agreement-onpolicy
 """
 
 from __future__ import annotations
@@ -172,6 +182,138 @@ def cmd_assemble(a) -> None:
     print(f"wrote {path}: {len(out)} rankings, {sum(o['split'] == 'heldout' for o in out)} held out, {n_multi} multi-turn")
 
 
+ONPOLICY = SRC / "onpolicy"  # round 2: people's rankings of the policies' own samples, no written replies
+
+
+def cmd_sample_onpolicy(a) -> None:
+    """K replies per PPO training prompt, half from each model, for people to rank (InstructGPT's
+    comparison data: the reward model must order the replies PPO will actually produce, which
+    the written replies of round 1 do not look like)."""
+    import torch
+
+    from loopchat import models
+    from loopchat.generate import Generator, SamplingParams
+    from tqdm import tqdm
+
+    torch.set_num_threads(a.threads)
+    prompts = read_jsonl([ROOT / "loopchat" / "data" / "bundled" / "prompts" / "prompts.jsonl"])
+    rng = random.Random(a.seed)
+    by_cat = defaultdict(list)
+    for r in prompts:
+        if r.get("split", "train") == "train":
+            by_cat[r["category"]].append(r)
+    chosen = []
+    for cat in sorted(by_cat):
+        rows = sorted(by_cat[cat], key=lambda r: r["id"])
+        rng.shuffle(rows)
+        chosen += rows[: a.per_category]
+    ONPOLICY.mkdir(exist_ok=True)
+    out_path = ONPOLICY / "samples.jsonl"
+    have = {r["id"]: r for r in read_jsonl([out_path])} if out_path.exists() else {}
+    for name, spec in zip(a.names, a.models):
+        todo = [r for r in chosen if not any(k.startswith(name + "_") for k in have.get(r["id"], {}).get("replies", {}))]
+        if not todo:
+            continue
+        model, tok = models.load(spec)
+        gen = Generator(model, tok)
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, num_samples=a.k)
+        for i in tqdm(range(0, len(todo), a.batch), desc=f"sampling {name}"):
+            chunk = todo[i : i + a.batch]
+            for r, comps in zip(chunk, gen.generate([r["messages"] for r in chunk], params)):
+                row = have.setdefault(r["id"], {"id": r["id"], "category": r["category"], "prompt": r["messages"], "replies": {}})
+                for j, c in enumerate(comps):
+                    row["replies"][f"{name}_{j + 1}"] = c.text.strip()
+            tmp = out_path.with_suffix(".tmp")  # rewritten after every batch: a rerun resumes
+            tmp.write_text("".join(json.dumps(have[i], ensure_ascii=False) + "\n" for i in sorted(have)))
+            tmp.replace(out_path)
+    print(f"wrote {out_path} ({len(have)} prompts)")
+
+
+def cmd_assemble_onpolicy(a) -> None:
+    """sources/onpolicy/{samples,labels_*}.jsonl -> comparisons/onpolicy/rankings.jsonl: a folder of
+    its own, so the default reward-model data (comparisons/*.jsonl: round 1, what the demo and
+    reproduce.py train on) stays as it was; pass it with --data to train on it."""
+    samples = {r["id"]: r for r in read_jsonl([ONPOLICY / "samples.jsonl"])}
+    labels = read_jsonl(sorted(ONPOLICY.glob("labels_*.jsonl")))
+    rng = random.Random(a.seed)
+    by_cat = defaultdict(list)
+    for lab in labels:
+        if lab["id"] not in samples:
+            sys.exit(f"label {lab['id']}: no such sample")
+        by_cat[samples[lab["id"]]["category"]].append(lab["id"])
+    held = set()
+    for cat, ids in sorted(by_cat.items()):
+        ids = sorted(ids)
+        rng.shuffle(ids)
+        held.update(ids[: max(1, round(a.heldout * len(ids)))])
+    out = []
+    for lab in sorted(labels, key=lambda l: l["id"]):
+        s = samples[lab["id"]]
+        kinds = [k for g in lab["order"] for k in g]
+        if len(set(kinds)) != len(kinds) or not set(kinds) <= set(s["replies"]):
+            sys.exit(f"{lab['id']}: label order {lab['order']} must name distinct replies of {sorted(s['replies'])}")
+        if len(lab["order"]) < 2:
+            continue  # all tied: no pair to learn from
+        rank = {k: g for g, group in enumerate(lab["order"]) for k in group}
+        out.append({
+            "id": "onp-" + lab["id"], "category": s["category"], "split": "heldout" if lab["id"] in held else "train",
+            "prompt": s["prompt"], "responses": [s["replies"][k] for k in kinds], "ranks": [rank[k] for k in kinds],
+            "kinds": kinds,
+        })
+    path = DIR / "onpolicy" / "rankings.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in out))
+    print(f"wrote {path}: {len(out)} rankings, {sum(o['split'] == 'heldout' for o in out)} held out")
+
+
+def pair_agreement(a: list[list[str]], b: list[list[str]]) -> tuple[int, int]:
+    """Of the pairs both orders separate (no tie in either), how many they put the same way."""
+    ra = {k: g for g, group in enumerate(a) for k in group}
+    rb = {k: g for g, group in enumerate(b) for k in group}
+    keys = sorted(ra)
+    same = both = 0
+    for i, x in enumerate(keys):
+        for y in keys[i + 1 :]:
+            if ra[x] != ra[y] and rb[x] != rb[y]:
+                both += 1
+                same += (ra[x] < ra[y]) == (rb[x] < rb[y])
+    return same, both
+
+
+def cmd_agreement_onpolicy(a) -> None:
+    """Agreement of the second labeller (agreement_*.jsonl) with the first (labels_*.jsonl), and
+    how often the labels prefer one model's replies to the other's, per category."""
+    first = {r["id"]: r["order"] for r in read_jsonl(sorted(ONPOLICY.glob("labels_*.jsonl")))}
+    category = {r["id"]: r["category"] for r in read_jsonl([ONPOLICY / "samples.jsonl"])}
+    second = read_jsonl(sorted(ONPOLICY.glob("agreement_*.jsonl")))
+    same = both = top = 0
+    for r in second:
+        if r["id"] not in first:
+            sys.exit(f"agreement label {r['id']}: no first label")
+        s, b = pair_agreement(first[r["id"]], r["order"])
+        same, both = same + s, both + b
+        top += bool(set(first[r["id"]][0]) & set(r["order"][0]))
+    result = {"second_labeller": {"rankings": len(second), "pairs_both_separate": both, "ordered_alike": same,
+                                  "same_best": top}, "model_above_model": {}}
+    if second:
+        print(f"second labeller on {len(second)} rankings: {same}/{both} = {same / max(both, 1):.0%} of the pairs "
+              f"both separate ordered alike; the same best reply in {top}/{len(second)}")
+    wins = defaultdict(lambda: defaultdict(int))  # (x, y) -> category -> pairs where an x reply is ranked above a y reply
+    for pid, order in first.items():
+        rank = {k: g for g, group in enumerate(order) for k in group}
+        for x in rank:
+            for y in rank:
+                mx, my = x.split("_")[0], y.split("_")[0]
+                if mx != my and rank[x] < rank[y]:
+                    wins[f"{mx}>{my}"][category[pid]] += 1
+                    wins[f"{mx}>{my}"]["ALL"] += 1
+    for key, by_cat in sorted(wins.items()):
+        result["model_above_model"][key] = dict(sorted(by_cat.items()))
+        print(f"labels rank a {key.replace('>', ' reply above a ')} reply in {by_cat['ALL']} pairs")
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.out}")
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -190,7 +332,27 @@ def main() -> None:
     p.add_argument("--heldout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_assemble)
+    p = sub.add_parser("sample-onpolicy")
+    p.add_argument("--models", nargs="+", required=True, help="checkpoints to sample from (e.g. the SFT model and a PPO policy)")
+    p.add_argument("--names", nargs="+", required=True, help="one short name per model; replies are NAME_1 .. NAME_K")
+    p.add_argument("--per-category", type=int, default=7)
+    p.add_argument("--k", type=int, default=2, help="replies per prompt from each model")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample_onpolicy)
+    p = sub.add_parser("assemble-onpolicy")
+    p.add_argument("--heldout", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_assemble_onpolicy)
+    p = sub.add_parser("agreement-onpolicy")
+    p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_agreement_onpolicy)
     a = ap.parse_args()
+    if a.cmd == "sample-onpolicy" and len(a.models) != len(a.names):
+        ap.error("--models and --names must have the same length")
     a.func(a)
 
 

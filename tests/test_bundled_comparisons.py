@@ -57,3 +57,58 @@ def test_needless_refusals_rank_last():
     # the guideline has data to act on: both kinds occur, in train and held-out rankings
     assert placed["needless_refusal"] >= 20 and placed["policy"] >= 50 and placed["policy_ok"] >= 20
     assert {r["split"] for r in data if "policy" in r["kinds"]} == {"train", "heldout"}
+
+
+# ----------------------------------------------------------------------------- round 2: on-policy
+
+ONPOLICY = BUNDLED_COMPARISONS / "onpolicy" / "rankings.jsonl"
+ONPOLICY_SRC = BUNDLED_COMPARISONS / "sources" / "onpolicy"
+
+
+def _build_comparisons():
+    import importlib.util
+
+    path = BUNDLED_COMPARISONS.parents[3] / "scripts" / "build_comparisons.py"
+    if not path.exists():
+        pytest.skip("scripts/ is not installed with the package")
+    spec = importlib.util.spec_from_file_location("build_comparisons", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not ONPOLICY.exists(), reason="on-policy comparison set not built")
+def test_onpolicy_rankings_are_the_labelled_samples_of_ppo_training_prompts():
+    """Each on-policy ranking is the sampled replies of one PPO training prompt in the order its
+    label gives; none is an evaluation prompt (the PPO prompts are disjoint from those), and
+    the set stays out of the default reward-model data (round 1 rebuilds bit for bit)."""
+    def read(p):
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    samples = {r["id"]: r for r in read(ONPOLICY_SRC / "samples.jsonl")}
+    labels = {r["id"]: r["order"] for f in sorted(ONPOLICY_SRC.glob("labels_*.jsonl")) for r in read(f)}
+    prompts = {r["id"]: r for r in read(BUNDLED_COMPARISONS.parent / "prompts" / "prompts.jsonl")}
+    data = read(ONPOLICY)
+    assert len(data) == len(labels) >= 100
+    for r in data:
+        pid = r["id"].removeprefix("onp-")
+        assert prompts[pid]["split"] == "train" and prompts[pid]["messages"] == r["prompt"] == samples[pid]["prompt"]
+        assert r["category"] == prompts[pid]["category"]
+        assert r["responses"] == [samples[pid]["replies"][k] for k in r["kinds"]], r["id"]
+        rank = {k: g for g, group in enumerate(labels[pid]) for k in group}
+        assert sorted(rank) == sorted(samples[pid]["replies"]) == sorted(r["kinds"]), r["id"]
+        assert r["ranks"] == [rank[k] for k in r["kinds"]], r["id"]
+        assert r["split"] in {"train", "heldout"}
+    assert Counter(r["split"] for r in data)["heldout"] == len(data) // 5
+    from loopchat.train.reward import data_files
+
+    assert data_files([]) == [PATH]  # the default reward-model data is round 1 only
+
+
+def test_pair_agreement_counts_pairs_both_orders_separate():
+    bc = _build_comparisons()
+    a = [["x"], ["y", "z"], ["w"]]
+    assert bc.pair_agreement(a, a) == (5, 5)  # the tied pair y-z is left out
+    assert bc.pair_agreement(a, [["w"], ["z"], ["y"], ["x"]]) == (0, 5)
+    assert bc.pair_agreement(a, [["x", "y", "z", "w"]]) == (0, 0)
+    assert bc.pair_agreement([["x"], ["y"], ["z"], ["w"]], [["y"], ["x"], ["z"], ["w"]]) == (5, 6)
