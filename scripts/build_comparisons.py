@@ -79,6 +79,29 @@ def read_jsonl(paths) -> list[dict]:
     return out
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file, so an interrupted run never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def ranks_of(order: list[list[str]]) -> dict[str, int]:
+    """A label's order (groups best to worst, ties within a group) -> each reply's group index."""
+    return {k: g for g, group in enumerate(order) for k in group}
+
+
+def held_out(ids_by_category: dict[str, list[str]], fraction: float, seed: int) -> set[str]:
+    """A seeded share of each category's ids, at least one per category."""
+    rng = random.Random(seed)
+    held = set()
+    for cat, ids in sorted(ids_by_category.items()):
+        ids = sorted(ids)
+        rng.shuffle(ids)
+        held.update(ids[: max(1, round(fraction * len(ids)))])
+    return held
+
+
 def drafts() -> list[dict]:
     rows = read_jsonl(sorted(SRC.glob("drafts_*.jsonl")))
     ids = [r["id"] for r in rows]
@@ -114,9 +137,7 @@ def cmd_sample(a) -> None:
             for r, (c,) in zip(chunk, res):
                 have.setdefault(r["id"], {"id": r["id"]})[name] = c.text.strip()
             # rewritten after every batch: an interrupted run resumes where it stopped
-            tmp = out_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(have[i]) + "\n" for i in sorted(have)))
-            tmp.replace(out_path)
+            write_atomic(out_path, "".join(json.dumps(have[i]) + "\n" for i in sorted(have)))
     print(f"wrote {out_path} ({len(have)} prompts)")
 
 
@@ -144,9 +165,7 @@ def cmd_relabel_refusals(a) -> None:
                 last.append("policy")
                 added += 1
             lab["order"] = [g for g in order if g] + ([last] if last else [])
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(lab) + "\n" for lab in labels))
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(lab) + "\n" for lab in labels))
     print(f"guideline v2: {moved} written needless refusals moved to last place, {added} policy refusals added last")
 
 
@@ -154,15 +173,10 @@ def cmd_assemble(a) -> None:
     rows = drafts()
     samples = {r["id"]: r for r in read_jsonl([SRC / "samples.jsonl"])}
     labels = {r["id"]: r for r in read_jsonl(sorted(SRC.glob("labels_*.jsonl")))}
-    rng = random.Random(a.seed)
     by_cat = defaultdict(list)
     for r in rows:
         by_cat[r["category"]].append(r["id"])
-    held = set()
-    for cat, ids in sorted(by_cat.items()):
-        ids = sorted(ids)
-        rng.shuffle(ids)
-        held.update(ids[: max(1, round(a.heldout * len(ids)))])
+    held = held_out(by_cat, a.heldout, a.seed)
     out, missing = [], []
     for r in rows:
         lab = labels.get(r["id"])
@@ -177,7 +191,7 @@ def cmd_assemble(a) -> None:
             texts["policy"] = s["policy"]
         if sorted(kinds) != sorted(texts):
             sys.exit(f"{r['id']}: label order {lab['order']} must list exactly {sorted(texts)}")
-        rank = {k: g for g, group in enumerate(lab["order"]) for k in group}
+        rank = ranks_of(lab["order"])
         order = [w["kind"] for w in r["written"]] + ["default", "sft"] + (["policy"] if "policy" in texts else [])
         out.append({
             "id": r["id"], "category": r["category"], "split": "heldout" if r["id"] in held else "train",
@@ -233,9 +247,8 @@ def cmd_sample_onpolicy(a) -> None:
                 row = have.setdefault(r["id"], {"id": r["id"], "category": r["category"], "prompt": r["messages"], "replies": {}})
                 for j, c in enumerate(comps):
                     row["replies"][f"{name}_{j + 1}"] = c.text.strip()
-            tmp = out_path.with_suffix(".tmp")  # rewritten after every batch: a rerun resumes
-            tmp.write_text("".join(json.dumps(have[i], ensure_ascii=False) + "\n" for i in sorted(have)))
-            tmp.replace(out_path)
+            # rewritten after every batch: a rerun resumes
+            write_atomic(out_path, "".join(json.dumps(have[i], ensure_ascii=False) + "\n" for i in sorted(have)))
     print(f"wrote {out_path} ({len(have)} prompts)")
 
 
@@ -245,17 +258,12 @@ def cmd_assemble_onpolicy(a) -> None:
     reproduce.py train on) stays as it was; pass it with --data to train on it."""
     samples = {r["id"]: r for r in read_jsonl([ONPOLICY / "samples.jsonl"])}
     labels = read_jsonl(sorted(ONPOLICY.glob("labels_*.jsonl")))
-    rng = random.Random(a.seed)
     by_cat = defaultdict(list)
     for lab in labels:
         if lab["id"] not in samples:
             sys.exit(f"label {lab['id']}: no such sample")
         by_cat[samples[lab["id"]]["category"]].append(lab["id"])
-    held = set()
-    for cat, ids in sorted(by_cat.items()):
-        ids = sorted(ids)
-        rng.shuffle(ids)
-        held.update(ids[: max(1, round(a.heldout * len(ids)))])
+    held = held_out(by_cat, a.heldout, a.seed)
     out = []
     for lab in sorted(labels, key=lambda l: l["id"]):
         s = samples[lab["id"]]
@@ -264,7 +272,7 @@ def cmd_assemble_onpolicy(a) -> None:
             sys.exit(f"{lab['id']}: label order {lab['order']} must name distinct replies of {sorted(s['replies'])}")
         if len(lab["order"]) < 2:
             continue  # all tied: no pair to learn from
-        rank = {k: g for g, group in enumerate(lab["order"]) for k in group}
+        rank = ranks_of(lab["order"])
         out.append({
             "id": "onp-" + lab["id"], "category": s["category"], "split": "heldout" if lab["id"] in held else "train",
             "prompt": s["prompt"], "responses": [s["replies"][k] for k in kinds], "ranks": [rank[k] for k in kinds],
@@ -278,8 +286,7 @@ def cmd_assemble_onpolicy(a) -> None:
 
 def pair_agreement(a: list[list[str]], b: list[list[str]]) -> tuple[int, int]:
     """Of the pairs both orders separate (no tie in either), how many they put the same way."""
-    ra = {k: g for g, group in enumerate(a) for k in group}
-    rb = {k: g for g, group in enumerate(b) for k in group}
+    ra, rb = ranks_of(a), ranks_of(b)
     keys = sorted(ra)
     same = both = 0
     for i, x in enumerate(keys):
@@ -310,7 +317,7 @@ def cmd_agreement_onpolicy(a) -> None:
               f"both separate ordered alike; the same best reply in {top}/{len(second)}")
     wins = defaultdict(lambda: defaultdict(int))  # (x, y) -> category -> pairs where an x reply is ranked above a y reply
     for pid, order in first.items():
-        rank = {k: g for g, group in enumerate(order) for k in group}
+        rank = ranks_of(order)
         for x in rank:
             for y in rank:
                 mx, my = x.split("_")[0], y.split("_")[0]
@@ -323,6 +330,7 @@ def cmd_agreement_onpolicy(a) -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {a.out}")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,8 +20,8 @@ PATH = BUNDLED_COMPARISONS / "rankings.jsonl"
 pytestmark = pytest.mark.skipif(not PATH.exists(), reason="bundled comparison set not built yet")
 
 
-def rows() -> list[dict]:
-    return [json.loads(line) for line in PATH.read_text().splitlines() if line.strip()]
+def rows(path=PATH) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_rankings_are_well_formed():
@@ -82,13 +82,10 @@ def test_onpolicy_rankings_are_the_labelled_samples_of_ppo_training_prompts():
     """Each on-policy ranking is the sampled replies of one PPO training prompt in the order its
     label gives; none is an evaluation prompt (the PPO prompts are disjoint from those), and
     the set stays out of the default reward-model data (round 1 rebuilds bit for bit)."""
-    def read(p):
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-    samples = {r["id"]: r for r in read(ONPOLICY_SRC / "samples.jsonl")}
-    labels = {r["id"]: r["order"] for f in sorted(ONPOLICY_SRC.glob("labels_*.jsonl")) for r in read(f)}
-    prompts = {r["id"]: r for r in read(BUNDLED_COMPARISONS.parent / "prompts" / "prompts.jsonl")}
-    data = read(ONPOLICY)
+    samples = {r["id"]: r for r in rows(ONPOLICY_SRC / "samples.jsonl")}
+    labels = {r["id"]: r["order"] for f in sorted(ONPOLICY_SRC.glob("labels_*.jsonl")) for r in rows(f)}
+    prompts = {r["id"]: r for r in rows(BUNDLED_COMPARISONS.parent / "prompts" / "prompts.jsonl")}
+    data = rows(ONPOLICY)
     assert len(data) == len(labels) >= 100
     for r in data:
         pid = r["id"].removeprefix("onp-")
