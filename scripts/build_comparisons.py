@@ -51,6 +51,15 @@ somewhat below an equally good complete one.
     python scripts/build_comparisons.py sample-onpolicy --models runs/sft-v3/final runs/ppo-v8/final --names sft ppo
     python scripts/build_comparisons.py assemble-onpolicy
     python scripts/build_comparisons.py agreement-onpolicy
+
+Later rounds sample from a newer policy into folders of their own (`--round 3`:
+sources/onpolicy-r3 -> onpolicy-r3/rankings.jsonl, ids "onp3-..."); a prompt may come back in
+a later round, with new samples. Same guideline; the labellers were also told that on an
+ambiguous request, inventing the missing context or refusing is bad.
+
+    python scripts/build_comparisons.py sample-onpolicy --round 3 --models runs/sft-v3/final \
+        runs/ppo-v10/checkpoint-48 --names sft ppo10 --per-category 10 --seed 1
+    python scripts/build_comparisons.py assemble-onpolicy --round 3
 """
 
 from __future__ import annotations
@@ -206,7 +215,15 @@ def cmd_assemble(a) -> None:
     print(f"wrote {path}: {len(out)} rankings, {sum(o['split'] == 'heldout' for o in out)} held out, {n_multi} multi-turn")
 
 
-ONPOLICY = SRC / "onpolicy"  # round 2: people's rankings of the policies' own samples, no written replies
+def onpolicy_dirs(rnd: int) -> tuple[Path, Path, str]:
+    """(sources folder, rankings folder, id prefix) of on-policy round `rnd`: round 2 is
+    sources/onpolicy -> onpolicy/ with ids "onp-..." (as first built), later rounds
+    sources/onpolicy-rN -> onpolicy-rN/ with ids "onpN-...", so that one prompt ranked again in
+    a later round (new samples from a newer policy, as InstructGPT did) keeps distinct ids."""
+    if rnd < 2:
+        sys.exit(f"--round must be 2 or more (round 1 is `sample`/`assemble`), got {rnd}")
+    name = "onpolicy" if rnd == 2 else f"onpolicy-r{rnd}"
+    return SRC / name, DIR / name, "onp-" if rnd == 2 else f"onp{rnd}-"
 
 
 def cmd_sample_onpolicy(a) -> None:
@@ -231,8 +248,9 @@ def cmd_sample_onpolicy(a) -> None:
         rows = sorted(by_cat[cat], key=lambda r: r["id"])
         rng.shuffle(rows)
         chosen += rows[: a.per_category]
-    ONPOLICY.mkdir(exist_ok=True)
-    out_path = ONPOLICY / "samples.jsonl"
+    src, _, _ = onpolicy_dirs(a.round)
+    src.mkdir(exist_ok=True)
+    out_path = src / "samples.jsonl"
     have = {r["id"]: r for r in read_jsonl([out_path])} if out_path.exists() else {}
     for name, spec in zip(a.names, a.models):
         todo = [r for r in chosen if not any(k.startswith(name + "_") for k in have.get(r["id"], {}).get("replies", {}))]
@@ -256,8 +274,9 @@ def cmd_assemble_onpolicy(a) -> None:
     """sources/onpolicy/{samples,labels_*}.jsonl -> comparisons/onpolicy/rankings.jsonl: a folder of
     its own, so the default reward-model data (comparisons/*.jsonl: round 1, what the demo and
     reproduce.py train on) stays as it was; pass it with --data to train on it."""
-    samples = {r["id"]: r for r in read_jsonl([ONPOLICY / "samples.jsonl"])}
-    labels = read_jsonl(sorted(ONPOLICY.glob("labels_*.jsonl")))
+    src, dst, prefix = onpolicy_dirs(a.round)
+    samples = {r["id"]: r for r in read_jsonl([src / "samples.jsonl"])}
+    labels = read_jsonl(sorted(src.glob("labels_*.jsonl")))
     by_cat = defaultdict(list)
     for lab in labels:
         if lab["id"] not in samples:
@@ -274,11 +293,11 @@ def cmd_assemble_onpolicy(a) -> None:
             continue  # all tied: no pair to learn from
         rank = ranks_of(lab["order"])
         out.append({
-            "id": "onp-" + lab["id"], "category": s["category"], "split": "heldout" if lab["id"] in held else "train",
+            "id": prefix + lab["id"], "category": s["category"], "split": "heldout" if lab["id"] in held else "train",
             "prompt": s["prompt"], "responses": [s["replies"][k] for k in kinds], "ranks": [rank[k] for k in kinds],
             "kinds": kinds,
         })
-    path = DIR / "onpolicy" / "rankings.jsonl"
+    path = dst / "rankings.jsonl"
     path.parent.mkdir(exist_ok=True)
     path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in out))
     print(f"wrote {path}: {len(out)} rankings, {sum(o['split'] == 'heldout' for o in out)} held out")
@@ -300,9 +319,10 @@ def pair_agreement(a: list[list[str]], b: list[list[str]]) -> tuple[int, int]:
 def cmd_agreement_onpolicy(a) -> None:
     """Agreement of the second labeller (agreement_*.jsonl) with the first (labels_*.jsonl), and
     how often the labels prefer one model's replies to the other's, per category."""
-    first = {r["id"]: r["order"] for r in read_jsonl(sorted(ONPOLICY.glob("labels_*.jsonl")))}
-    category = {r["id"]: r["category"] for r in read_jsonl([ONPOLICY / "samples.jsonl"])}
-    second = read_jsonl(sorted(ONPOLICY.glob("agreement_*.jsonl")))
+    src, _, _ = onpolicy_dirs(a.round)
+    first = {r["id"]: r["order"] for r in read_jsonl(sorted(src.glob("labels_*.jsonl")))}
+    category = {r["id"]: r["category"] for r in read_jsonl([src / "samples.jsonl"])}
+    second = read_jsonl(sorted(src.glob("agreement_*.jsonl")))
     same = both = top = 0
     for r in second:
         if r["id"] not in first:
@@ -368,6 +388,9 @@ def main() -> None:
     p = sub.add_parser("agreement-onpolicy")
     p.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_agreement_onpolicy)
+    for cmd in ("sample-onpolicy", "assemble-onpolicy", "agreement-onpolicy"):
+        sub.choices[cmd].add_argument("--round", type=int, default=2, help="on-policy round: 2 = sources/onpolicy, "
+                                      "N > 2 = sources/onpolicy-rN (samples from a newer policy)")
     a = ap.parse_args()
     if a.cmd == "sample-onpolicy" and len(a.models) != len(a.names):
         ap.error("--models and --names must have the same length")

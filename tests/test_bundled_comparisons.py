@@ -61,8 +61,8 @@ def test_needless_refusals_rank_last():
 
 # ----------------------------------------------------------------------------- round 2: on-policy
 
-ONPOLICY = BUNDLED_COMPARISONS / "onpolicy" / "rankings.jsonl"
-ONPOLICY_SRC = BUNDLED_COMPARISONS / "sources" / "onpolicy"
+# (rankings folder, id prefix) of each on-policy round; sources/<folder> holds its samples and labels
+ROUNDS = [("onpolicy", "onp-"), ("onpolicy-r3", "onp3-")]
 
 
 def _build_comparisons():
@@ -77,18 +77,22 @@ def _build_comparisons():
     return mod
 
 
-@pytest.mark.skipif(not ONPOLICY.exists(), reason="on-policy comparison set not built")
-def test_onpolicy_rankings_are_the_labelled_samples_of_ppo_training_prompts():
+@pytest.mark.parametrize("folder,prefix", ROUNDS)
+def test_onpolicy_rankings_are_the_labelled_samples_of_ppo_training_prompts(folder, prefix):
     """Each on-policy ranking is the sampled replies of one PPO training prompt in the order its
     label gives; none is an evaluation prompt (the PPO prompts are disjoint from those), and
     the set stays out of the default reward-model data (round 1 rebuilds bit for bit)."""
-    samples = {r["id"]: r for r in rows(ONPOLICY_SRC / "samples.jsonl")}
-    labels = {r["id"]: r["order"] for f in sorted(ONPOLICY_SRC.glob("labels_*.jsonl")) for r in rows(f)}
+    src, path = BUNDLED_COMPARISONS / "sources" / folder, BUNDLED_COMPARISONS / folder / "rankings.jsonl"
+    if not path.exists():
+        pytest.skip(f"on-policy comparison set {folder} not built")
+    samples = {r["id"]: r for r in rows(src / "samples.jsonl")}
+    labels = {r["id"]: r["order"] for f in sorted(src.glob("labels_*.jsonl")) for r in rows(f)}
     prompts = {r["id"]: r for r in rows(BUNDLED_COMPARISONS.parent / "prompts" / "prompts.jsonl")}
-    data = rows(ONPOLICY)
+    data = rows(path)
     assert len(data) == len(labels) >= 100
     for r in data:
-        pid = r["id"].removeprefix("onp-")
+        assert r["id"].startswith(prefix), r["id"]
+        pid = r["id"].removeprefix(prefix)
         assert prompts[pid]["split"] == "train" and prompts[pid]["messages"] == r["prompt"] == samples[pid]["prompt"]
         assert r["category"] == prompts[pid]["category"]
         assert r["responses"] == [samples[pid]["replies"][k] for k in r["kinds"]], r["id"]
@@ -109,3 +113,15 @@ def test_pair_agreement_counts_pairs_both_orders_separate():
     assert bc.pair_agreement(a, [["w"], ["z"], ["y"], ["x"]]) == (0, 5)
     assert bc.pair_agreement(a, [["x", "y", "z", "w"]]) == (0, 0)
     assert bc.pair_agreement([["x"], ["y"], ["z"], ["w"]], [["y"], ["x"], ["z"], ["w"]]) == (5, 6)
+
+
+def test_onpolicy_rounds_have_their_own_folders_and_ids():
+    bc = _build_comparisons()
+    src2, dst2, p2 = bc.onpolicy_dirs(2)
+    src3, dst3, p3 = bc.onpolicy_dirs(3)
+    # round 2 keeps the paths and ids it was first built with; a later round never writes over it
+    assert (src2.name, dst2.name, p2) == ("onpolicy", "onpolicy", "onp-")
+    assert (src3.name, dst3.name, p3) == ("onpolicy-r3", "onpolicy-r3", "onp3-")
+    assert src2.parent == src3.parent and dst2.parent == dst3.parent
+    with pytest.raises(SystemExit, match="--round must be 2 or more"):
+        bc.onpolicy_dirs(1)

@@ -28,6 +28,7 @@ from loopchat.train.ppo import (
     PolicyAndValue,
     PPOConfig,
     apply_missing_eos_penalty,
+    apply_question_rule,
     apply_refusal_rule,
     disable_dropout,
     distinct_n,
@@ -98,6 +99,17 @@ def test_refusal_rule_penalty_only_where_an_answer_is_due_bonus_only_for_harmful
     # the bonus goes to the refused harmful request only: not to cannot-act, uncategorised or complying replies
     assert torch.allclose(apply_refusal_rule(score, refused, cats, 1.0, 0.5), torch.tensor([-0.4, 1.1, 0.6, 0.6, 0.6, 0.6]))
     assert torch.equal(apply_refusal_rule(score, refused, cats, 0.0, 0.0), score)
+
+
+def test_question_rule_rewards_asking_only_on_clarify_prompts():
+    score = torch.zeros(5)
+    texts = ["Which city do you mean?", "Paris is the capital.", "I can't help with that. Why?", "What is 2+2? It is 4.", "Which one?"]
+    refused = [False, False, True, False, False]
+    cats = ["clarify", "clarify", "clarify", "helpful", None]
+    # a question on a clarify prompt earns the bonus; an answer, a refusal with a '?' and questions
+    # on other or uncategorised prompts do not
+    assert torch.allclose(apply_question_rule(score, texts, refused, cats, 0.3), torch.tensor([0.3, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(apply_question_rule(score, texts, refused, cats, 0.0), score)
 
 
 def test_masked_mean_and_whiten_ignore_padding():

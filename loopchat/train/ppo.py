@@ -80,6 +80,7 @@ class PPOConfig(TrainConfig):
     missing_eos_penalty: float = Field(-1.0, description="added to the score of a reply that never emits EOS within max-new-tokens")
     refusal_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that refuses a prompt whose category asks for an answer (not harmful_refusal or cannot_act; prompts without a category are left alone); 0 = off")
     refusal_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that refuses a prompt of the harmful_refusal category (the other side of --refusal-penalty); 0 = off")
+    question_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that asks a question (has a '?') and does not refuse, on a prompt of the clarify category (too ambiguous to answer as it stands); 0 = off")
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
     ptx_data: list[str] = Field(default_factory=list, description="demonstrations for PPO-ptx (files or folders); empty = the bundled SFT demos")
@@ -183,6 +184,19 @@ def apply_refusal_rule(score: torch.Tensor, refused: list[bool], categories: lis
     cost = [r and c is not None and c not in REFUSAL_OK for r, c in zip(refused, categories, strict=True)]
     gain = [r and c in REFUSAL_DUE for r, c in zip(refused, categories, strict=True)]
     return score - penalty * torch.tensor(cost, dtype=score.dtype) + bonus * torch.tensor(gain, dtype=score.dtype)
+
+
+QUESTION_DUE = frozenset({"clarify"})
+
+
+def apply_question_rule(score: torch.Tensor, texts: list[str], refused: list[bool], categories: list[str | None], bonus: float) -> torch.Tensor:
+    """The same kind of rule-based term for the one behaviour no reward model here learned:
+    asking what an ambiguous request means. rm-v8 orders clarify pairs below chance (46%) and
+    ppo-v10 stopped asking altogether (0 of 25 on the test set, SFT 4): it invents the missing
+    context instead ("No, you can't park there overnight. The parking lot is locked"). A reply to
+    a clarify prompt that asks a question earns `bonus`; a refusal does not count as asking."""
+    gain = [c in QUESTION_DUE and "?" in t and not r for t, r, c in zip(texts, refused, categories, strict=True)]
+    return score + bonus * torch.tensor(gain, dtype=score.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
@@ -585,6 +599,8 @@ class PPOTrainer(Trainer):
             refused = [rubric.is_refusal(c.text) for c in comps]
             if cfg.refusal_penalty or cfg.refusal_bonus:
                 score = apply_refusal_rule(score, refused, [self.prompts[i].get("category") for i in mine], cfg.refusal_penalty, cfg.refusal_bonus)
+            if cfg.question_bonus:
+                score = apply_question_rule(score, [c.text for c in comps], refused, [self.prompts[i].get("category") for i in mine], cfg.question_bonus)
             rewards, kl = kl_penalty_rewards(old["old_logp"], old["ref_logp"], mask, score, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, all_sum=self.all_sum)
@@ -613,6 +629,7 @@ class PPOTrainer(Trainer):
             add("response_len", lens.mean(), N)
             add("eos_fraction", roll.ended.float().mean(), N)
             add("refusals", sum(refused) / N, N)
+            add("questions", sum("?" in c.text for c in comps) / N, N)
             add("rep3", sum(repeated_ngram_fraction(r) for r in responses) / N, N)
             add("distinct2", distinct_n(responses), 1)  # (the mean over processes)
             d = returns - old["old_values"] * mask  # explained variance of the old values
