@@ -271,8 +271,8 @@ def cmd_sample_onpolicy(a) -> None:
 
 
 def cmd_assemble_onpolicy(a) -> None:
-    """sources/onpolicy/{samples,labels_*}.jsonl -> comparisons/onpolicy/rankings.jsonl: a folder of
-    its own, so the default reward-model data (comparisons/*.jsonl: round 1, what the demo and
+    """sources/onpolicy[-rN]/{samples,labels_*}.jsonl -> comparisons/onpolicy[-rN]/rankings.jsonl: a
+    folder of its own, so the default reward-model data (comparisons/*.jsonl: round 1, what the demo and
     reproduce.py train on) stays as it was; pass it with --data to train on it."""
     src, dst, prefix = onpolicy_dirs(a.round)
     samples = {r["id"]: r for r in read_jsonl([src / "samples.jsonl"])}

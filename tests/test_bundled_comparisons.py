@@ -59,7 +59,7 @@ def test_needless_refusals_rank_last():
     assert {r["split"] for r in data if "policy" in r["kinds"]} == {"train", "heldout"}
 
 
-# ----------------------------------------------------------------------------- round 2: on-policy
+# ----------------------------------------------------------------------------- rounds 2 and later: on-policy
 
 # (rankings folder, id prefix) of each on-policy round; sources/<folder> holds its samples and labels
 ROUNDS = [("onpolicy", "onp-"), ("onpolicy-r3", "onp3-")]

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from loopchat import models
+from loopchat.evaluate import rubric
 from loopchat.config import ConfigError
 from loopchat.generate import Completion, Generator, SamplingParams
 from loopchat.train import reward as rm
@@ -102,14 +103,16 @@ def test_refusal_rule_penalty_only_where_an_answer_is_due_bonus_only_for_harmful
 
 
 def test_question_rule_rewards_asking_only_on_clarify_prompts():
-    score = torch.zeros(5)
-    texts = ["Which city do you mean?", "Paris is the capital.", "I can't help with that. Why?", "What is 2+2? It is 4.", "Which one?"]
-    refused = [False, False, True, False, False]
-    cats = ["clarify", "clarify", "clarify", "helpful", None]
+    score = torch.zeros(6)
+    texts = ["Which city do you mean?", "Paris is the capital.", "I can't help with that. Why?", "What is 2+2? It is 4.", "Which one?", "どの街ですか？"]
+    asked = [rubric.asks_question(t) for t in texts]
+    assert asked == [True, False, True, True, True, True]  # the full-width mark counts, as in the rubric
+    refused = [False, False, True, False, False, False]
+    cats = ["clarify", "clarify", "clarify", "helpful", None, "clarify"]
     # a question on a clarify prompt earns the bonus; an answer, a refusal with a '?' and questions
     # on other or uncategorised prompts do not
-    assert torch.allclose(apply_question_rule(score, texts, refused, cats, 0.3), torch.tensor([0.3, 0.0, 0.0, 0.0, 0.0]))
-    assert torch.equal(apply_question_rule(score, texts, refused, cats, 0.0), score)
+    assert torch.allclose(apply_question_rule(score, asked, refused, cats, 0.3), torch.tensor([0.3, 0.0, 0.0, 0.0, 0.0, 0.3]))
+    assert torch.equal(apply_question_rule(score, asked, refused, cats, 0.0), score)
 
 
 def test_masked_mean_and_whiten_ignore_padding():

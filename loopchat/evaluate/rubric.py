@@ -203,6 +203,12 @@ def is_refusal(text: str) -> bool:
     return refusal_marker(text) is not None
 
 
+def asks_question(text: str) -> bool:
+    """Whether a reply asks something: it has a question mark, ASCII or full-width. The rubric's
+    ``question`` key and PPO's question bonus both use this one test."""
+    return "?" in text or "\uff1f" in text
+
+
 def word_count(text: str) -> int:
     return len(text.split())
 
@@ -236,8 +242,7 @@ def check(reply: str, rubric: dict[str, Any]) -> dict[str, Any]:
         if found:
             reasons.append(f"none_of: found {found!r}")
     if "question" in rubric:
-        has_q = "?" in reply or "\uff1f" in reply
-        ok = has_q == rubric["question"]
+        ok = asks_question(reply) == rubric["question"]
         checks["question"] = ok
         if not ok:
             reasons.append("expected a question (no '?')" if rubric["question"] else "should not ask a question")

@@ -189,13 +189,14 @@ def apply_refusal_rule(score: torch.Tensor, refused: list[bool], categories: lis
 QUESTION_DUE = frozenset({"clarify"})
 
 
-def apply_question_rule(score: torch.Tensor, texts: list[str], refused: list[bool], categories: list[str | None], bonus: float) -> torch.Tensor:
+def apply_question_rule(score: torch.Tensor, asked: list[bool], refused: list[bool], categories: list[str | None], bonus: float) -> torch.Tensor:
     """The same kind of rule-based term for the one behaviour no reward model here learned:
     asking what an ambiguous request means. rm-v8 orders clarify pairs below chance (46%) and
     ppo-v10 stopped asking altogether (0 of 25 on the test set, SFT 4): it invents the missing
     context instead ("No, you can't park there overnight. The parking lot is locked"). A reply to
-    a clarify prompt that asks a question earns `bonus`; a refusal does not count as asking."""
-    gain = [c in QUESTION_DUE and "?" in t and not r for t, r, c in zip(texts, refused, categories, strict=True)]
+    a clarify prompt that asks a question (`asked`: rubric.asks_question, the test the
+    behaviour evaluation uses) earns `bonus`; a refusal does not count as asking."""
+    gain = [c in QUESTION_DUE and q and not r for q, r, c in zip(asked, refused, categories, strict=True)]
     return score + bonus * torch.tensor(gain, dtype=score.dtype)
 
 
@@ -598,10 +599,12 @@ class PPOTrainer(Trainer):
             normalised = raw - self.offset
             score = apply_missing_eos_penalty(normalised, roll.ended, cfg.missing_eos_penalty)
             refused = [rubric.is_refusal(c.text) for c in comps]
+            asked = [rubric.asks_question(c.text) for c in comps]
+            categories = [self.prompts[i].get("category") for i in mine]
             if cfg.refusal_penalty or cfg.refusal_bonus:
-                score = apply_refusal_rule(score, refused, [self.prompts[i].get("category") for i in mine], cfg.refusal_penalty, cfg.refusal_bonus)
+                score = apply_refusal_rule(score, refused, categories, cfg.refusal_penalty, cfg.refusal_bonus)
             if cfg.question_bonus:
-                score = apply_question_rule(score, [c.text for c in comps], refused, [self.prompts[i].get("category") for i in mine], cfg.question_bonus)
+                score = apply_question_rule(score, asked, refused, categories, cfg.question_bonus)
             rewards, kl = kl_penalty_rewards(old["old_logp"], old["ref_logp"], mask, score, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, all_sum=self.all_sum)
@@ -630,7 +633,7 @@ class PPOTrainer(Trainer):
             add("response_len", lens.mean(), N)
             add("eos_fraction", roll.ended.float().mean(), N)
             add("refusals", sum(refused) / N, N)
-            add("questions", sum("?" in c.text for c in comps) / N, N)
+            add("questions", sum(asked) / N, N)
             add("rep3", sum(repeated_ngram_fraction(r) for r in responses) / N, N)
             add("distinct2", distinct_n(responses), 1)  # (the mean over processes)
             d = returns - old["old_values"] * mask  # explained variance of the old values
