@@ -663,6 +663,31 @@ def test_balanced_indices_give_every_category_the_same_share():
     assert balanced_indices(cats, 12, 5, seed=1) != balanced_indices(cats, 12, 5, seed=2)
 
 
+def test_category_weights_give_a_category_n_shares_and_keep_the_unweighted_order():
+    from collections import Counter
+
+    from loopchat.train.ppo import PPOConfig, balanced_indices
+
+    cats = ["a"] * 20 + ["b"] * 20 + ["c"] * 4
+    # weight 1 everywhere is the plain balanced order (resumed runs started before weights agree)
+    for it in range(3):
+        assert balanced_indices(cats, 9, it, seed=3, weights={"a": 1}) == balanced_indices(cats, 9, it, seed=3)
+    got = Counter(cats[i] for it in range(4) for i in balanced_indices(cats, 10, it, seed=3, weights={"c": 3}))
+    assert got == {"a": 8, "b": 8, "c": 24}
+    # the weighted category still cycles through all its prompts before repeating one
+    c_seq = [i for i in balanced_indices(cats, 10, 0, seed=3, weights={"c": 3}) if cats[i] == "c"]
+    assert sorted(c_seq[:4]) == [40, 41, 42, 43]
+    with pytest.raises(ValueError, match="clarfy"):
+        balanced_indices(cats, 10, 0, seed=3, weights={"clarfy": 2})
+    cfg = PPOConfig(model="m", reward="r", balance_categories=True, category_weights="clarify=3, edgy_harmless=2")
+    assert cfg.category_weights == {"clarify": 3, "edgy_harmless": 2}
+    for bad in ["clarify", "clarify=two", "clarify=0"]:
+        with pytest.raises(ValueError, match="category_weights"):
+            PPOConfig(model="m", reward="r", balance_categories=True, category_weights=bad)
+    with pytest.raises(ValueError, match="balance_categories"):
+        PPOConfig(model="m", reward="r", category_weights={"clarify": 3})
+
+
 def _load_script(name: str):
     import importlib.util
 

@@ -201,7 +201,7 @@ def test_bundled_rubrics_are_satisfiable(which):
 def test_validation_set_is_balanced_and_disjoint_from_test_prompts_and_demos():
     """The set checkpoints are chosen on (scripts/pick_checkpoint.py) shares no conversation
     with the test set, the PPO prompts or the SFT demonstrations."""
-    assert Counter(it["category"] for it in VAL_ITEMS) == {c: 10 for c in rubric.CATEGORIES}
+    assert Counter(it["category"] for it in VAL_ITEMS) == {c: 20 for c in rubric.CATEGORIES}
     assert not {it["id"] for it in VAL_ITEMS} & {it["id"] for it in ITEMS}
     bundled = Path(rubric.__file__).resolve().parent.parent / "data" / "bundled"
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loopchat import models
 from loopchat.config import ConfigError
@@ -64,6 +64,7 @@ class PPOConfig(TrainConfig):
     iterations: int = Field(50, ge=1, description="rollout + optimisation rounds")
     rollout_batch: int = Field(32, ge=1, description="prompts sampled per iteration over all processes (one reply each)")
     balance_categories: bool = Field(False, description="sample every prompt category equally often (round-robin over categories, each cycling through its own prompts) instead of in proportion to its size; prompts without a category form one category")
+    category_weights: dict[str, int] = Field(default_factory=dict, description="with --balance-categories: give these categories N shares of the rollouts instead of 1, as 'clarify=3,edgy_harmless=2' (a mapping in YAML); the bundled prompts' categories are those of the behaviour evaluation")
     ppo_epochs: int = Field(2, ge=1, description="optimisation passes over each iteration's rollouts")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs are computed at the same temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off; PPO's log-probs are of the full distribution)")
@@ -94,8 +95,27 @@ class PPOConfig(TrainConfig):
     max_seq_len: int = Field(512, ge=16, description="PPO-ptx: length of the packed demonstration rows")
     data: list[str] = Field(default_factory=list, description="not used by PPO: prompts come from --prompts, demonstrations for PPO-ptx from --ptx-data")
 
+    @field_validator("category_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, v):
+        """'clarify=3,edgy_harmless=2' from the command line; a mapping from YAML."""
+        if isinstance(v, str):
+            out = {}
+            for part in filter(None, (p.strip() for p in v.split(","))):
+                name, eq, n = part.partition("=")
+                if not eq or not name.strip() or not n.strip().isdigit():
+                    raise ValueError(f"category_weights: expected 'category=N' (N a whole number), got {part!r}")
+                out[name.strip()] = int(n)
+            return out
+        return v
+
     @model_validator(mode="after")
     def _check(self):
+        if self.category_weights and not self.balance_categories:
+            raise ValueError("category_weights needs balance_categories (it weights the balanced round-robin)")
+        bad = {k: w for k, w in self.category_weights.items() if w < 1}
+        if bad:
+            raise ValueError(f"category_weights must be at least 1, got {bad}")
         if self.data:
             raise ValueError("PPO takes its prompts from --prompts (and PPO-ptx demonstrations from --ptx-data), not --data")
         if self.rollout_batch % self.batch_size:
@@ -240,23 +260,33 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, masked_mean((l_clipped > l_unclipped).float(), mask).detach()
 
 
-def balanced_indices(categories: list[str | None], batch_size: int, it: int, seed: int) -> list[int]:
+def balanced_indices(categories: list[str | None], batch_size: int, it: int, seed: int, weights: dict[str, int] | None = None) -> list[int]:
     """Prompt indices of iteration `it` with every category equally often: slot g of the run
-    (g = it * batch_size + j) goes to category g mod C (categories in a seeded order), which
-    hands out its prompts in its own seeded epoch order. A small category (25 false
-    "corrections") then gets as many rollouts as a large one (91 general questions), and the
+    (g = it * batch_size + j) goes to the category at g mod L of a cycle of the categories (in
+    a seeded order, each repeated `weights[name]` times, default once), which hands out its
+    prompts in its own seeded epoch order. A small category (25 false "corrections") then
+    gets as many rollouts as a large one (91 general questions), or `weights` times as many
+    (clarify prompts, where the policy rarely samples the question that earns the bonus); the
     choice depends only on (seed, it), so a resumed run or one on more processes agrees."""
+    weights = weights or {}
     by_cat: dict[str, list[int]] = {}
     for i, c in enumerate(categories):
         by_cat.setdefault(str(c), []).append(i)
+    unknown = sorted(set(weights) - set(by_cat))
+    if unknown:
+        raise ValueError(f"category_weights names categories the prompts do not have: {unknown}; they have {sorted(by_cat)}")
     names = sorted(by_cat)
     names = [names[k] for k in epoch_order(len(names), 0, seed)]
-    C, out = len(names), []
+    cycle = [n for n in names for _ in range(weights.get(n, 1))]
+    L, out = len(cycle), []
     for j in range(batch_size):
         g = it * batch_size + j
-        members = by_cat[names[g % C]]
-        epoch, k = divmod(g // C, len(members))
-        out.append(members[epoch_order(len(members), epoch, seed + 7919 * (g % C + 1))[k]])
+        name = cycle[g % L]
+        members = by_cat[name]
+        # how many slots before g went to this category: whole cycles, then this cycle's
+        occ = (g // L) * weights.get(name, 1) + cycle[: g % L].count(name)
+        epoch, k = divmod(occ, len(members))
+        out.append(members[epoch_order(len(members), epoch, seed + 7919 * (names.index(name) + 1))[k]])
     return out
 
 
@@ -457,6 +487,11 @@ class PPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self.prompts = ro.load_prompt_snapshot(snap)
         self.prompt_ids = [models.apply_chat_template(self.tokenizer, p["messages"]) for p in self.prompts]
+        if self.cfg.balance_categories:
+            try:  # a misspelt category in --category-weights fails now, not after the first rollouts
+                balanced_indices([p.get("category") for p in self.prompts], 1, 0, self.cfg.seed, self.cfg.category_weights)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     # -- one iteration: rollouts, then updates
 
@@ -580,7 +615,7 @@ class PPOTrainer(Trainer):
             # 1. rollouts: this process's share of the iteration's prompts (a seeded order
             #    over all prompts, epoch after epoch; the sampling seed depends on the iteration)
             if cfg.balance_categories:
-                idx = balanced_indices([p.get("category") for p in self.prompts], cfg.rollout_batch, it, cfg.seed)
+                idx = balanced_indices([p.get("category") for p in self.prompts], cfg.rollout_batch, it, cfg.seed, cfg.category_weights)
             else:
                 _, idx = step_indices(len(self.prompts), cfg.rollout_batch, it, cfg.seed)
             mine = idx[rank::W]
