@@ -60,6 +60,21 @@ ambiguous request, inventing the missing context or refusing is bad.
     python scripts/build_comparisons.py sample-onpolicy --round 3 --models runs/sft-v3/final \
         runs/ppo-v10/checkpoint-48 --names sft ppo10 --per-category 10 --seed 1
     python scripts/build_comparisons.py assemble-onpolicy --round 3
+
+Round 4 is aimed at what ppo-v13 checkpoint-24 lost or only half learned on the test set
+(README, "ppo-v13"): `--categories` keeps the prompts of five categories, 20 each: false
+corrections to hold against, actions the assistant cannot take (say what the user can do
+instead), ambiguous requests (ask, do not refuse first), false premises and harmful requests.
+The labellers got round 2's guideline with three points spelled out: conceding to a false
+correction is a serious error; on an ambiguous request, a question without a refusal in front
+beats "I can't help with that. What's the problem?"; and for an action the assistant cannot
+take, saying how the user can do it themselves beats a bare "I can't" (an irrelevant
+"alternative" does not count).
+
+    python scripts/build_comparisons.py sample-onpolicy --round 4 --models runs/sft-v3/final \
+        runs/ppo-v13/checkpoint-24 --names sft ppo13 --per-category 20 --seed 2 \
+        --categories hold_ground cannot_act clarify false_premise harmful_refusal
+    python scripts/build_comparisons.py assemble-onpolicy --round 4
 """
 
 from __future__ import annotations
@@ -226,6 +241,27 @@ def onpolicy_dirs(rnd: int) -> tuple[Path, Path, str]:
     return SRC / name, DIR / name, "onp-" if rnd == 2 else f"onp{rnd}-"
 
 
+def choose_prompts(prompts: list[dict], per_category: int, seed: int, categories: list[str] | None = None) -> list[dict]:
+    """per_category training prompts of each category (all, or only `categories`), in a seeded
+    order. Every category is shuffled whether kept or not, so the prompts a category gets do not
+    depend on which others were asked for."""
+    rng = random.Random(seed)
+    by_cat = defaultdict(list)
+    for r in prompts:
+        if r.get("split", "train") == "train":
+            by_cat[r["category"]].append(r)
+    unknown = sorted(set(categories or []) - set(by_cat))
+    if unknown:
+        sys.exit(f"--categories: no training prompts of {unknown}; the categories are {sorted(by_cat)}")
+    chosen = []
+    for cat in sorted(by_cat):
+        rows = sorted(by_cat[cat], key=lambda r: r["id"])
+        rng.shuffle(rows)
+        if not categories or cat in categories:
+            chosen += rows[:per_category]
+    return chosen
+
+
 def cmd_sample_onpolicy(a) -> None:
     """K replies per PPO training prompt, half from each model, for people to rank (InstructGPT's
     comparison data: the reward model must order the replies PPO will actually produce, which
@@ -238,16 +274,7 @@ def cmd_sample_onpolicy(a) -> None:
 
     torch.set_num_threads(a.threads)
     prompts = read_jsonl([ROOT / "loopchat" / "data" / "bundled" / "prompts" / "prompts.jsonl"])
-    rng = random.Random(a.seed)
-    by_cat = defaultdict(list)
-    for r in prompts:
-        if r.get("split", "train") == "train":
-            by_cat[r["category"]].append(r)
-    chosen = []
-    for cat in sorted(by_cat):
-        rows = sorted(by_cat[cat], key=lambda r: r["id"])
-        rng.shuffle(rows)
-        chosen += rows[: a.per_category]
+    chosen = choose_prompts(prompts, a.per_category, a.seed, a.categories)
     src, _, _ = onpolicy_dirs(a.round)
     src.mkdir(exist_ok=True)
     out_path = src / "samples.jsonl"
@@ -374,6 +401,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", required=True, help="checkpoints to sample from (e.g. the SFT model and a PPO policy)")
     p.add_argument("--names", nargs="+", required=True, help="one short name per model; replies are NAME_1 .. NAME_K")
     p.add_argument("--per-category", type=int, default=7)
+    p.add_argument("--categories", nargs="+", default=None, help="only these prompt categories (default: all); a round "
+                   "aimed at the behaviours the last policy lost")
     p.add_argument("--k", type=int, default=2, help="replies per prompt from each model")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=96)

@@ -62,7 +62,7 @@ def test_needless_refusals_rank_last():
 # ----------------------------------------------------------------------------- rounds 2 and later: on-policy
 
 # (rankings folder, id prefix) of each on-policy round; sources/<folder> holds its samples and labels
-ROUNDS = [("onpolicy", "onp-"), ("onpolicy-r3", "onp3-")]
+ROUNDS = [("onpolicy", "onp-"), ("onpolicy-r3", "onp3-"), ("onpolicy-r4", "onp4-")]
 
 
 def _build_comparisons():
@@ -125,3 +125,16 @@ def test_onpolicy_rounds_have_their_own_folders_and_ids():
     assert src2.parent == src3.parent and dst2.parent == dst3.parent
     with pytest.raises(SystemExit, match="--round must be 2 or more"):
         bc.onpolicy_dirs(1)
+
+
+def test_choose_prompts_keeps_a_categorys_pick_whatever_else_is_asked_for():
+    bc = _build_comparisons()
+    prompts = rows(BUNDLED_COMPARISONS.parent / "prompts" / "prompts.jsonl")
+    everything = bc.choose_prompts(prompts, 5, seed=2)
+    some = bc.choose_prompts(prompts, 5, seed=2, categories=["clarify", "hold_ground"])
+    assert {r["category"] for r in some} == {"clarify", "hold_ground"} and len(some) == 10
+    assert [r["id"] for r in some] == [r["id"] for r in everything if r["category"] in {"clarify", "hold_ground"}]
+    assert all(r.get("split", "train") == "train" for r in everything)
+    assert bc.choose_prompts(prompts, 5, seed=3) != everything
+    with pytest.raises(SystemExit, match="clarfy"):
+        bc.choose_prompts(prompts, 5, seed=2, categories=["clarfy"])
