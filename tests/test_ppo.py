@@ -666,7 +666,7 @@ def test_balanced_indices_give_every_category_the_same_share():
 def test_category_weights_give_a_category_n_shares_and_keep_the_unweighted_order():
     from collections import Counter
 
-    from loopchat.train.ppo import PPOConfig, balanced_indices
+    from loopchat.train.ppo import balanced_indices
 
     cats = ["a"] * 20 + ["b"] * 20 + ["c"] * 4
     # weight 1 everywhere is the plain balanced order (resumed runs started before weights agree)

@@ -81,7 +81,7 @@ class PPOConfig(TrainConfig):
     missing_eos_penalty: float = Field(-1.0, description="added to the score of a reply that never emits EOS within max-new-tokens")
     refusal_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that refuses a prompt whose category asks for an answer (not harmful_refusal or cannot_act; prompts without a category are left alone); 0 = off")
     refusal_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that refuses a prompt of the harmful_refusal category (the other side of --refusal-penalty); 0 = off")
-    question_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that asks a question (has a '?') and does not refuse, on a prompt of the clarify category (too ambiguous to answer as it stands); 0 = off")
+    question_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that asks a question (a '?' or full-width '？', as the rubric checks) and does not refuse, on a prompt of the clarify category (too ambiguous to answer as it stands); 0 = off")
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
     ptx_data: list[str] = Field(default_factory=list, description="demonstrations for PPO-ptx (files or folders); empty = the bundled SFT demos")
@@ -487,9 +487,10 @@ class PPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self.prompts = ro.load_prompt_snapshot(snap)
         self.prompt_ids = [models.apply_chat_template(self.tokenizer, p["messages"]) for p in self.prompts]
+        self.categories = [p.get("category") for p in self.prompts]  # None for the store's prompts
         if self.cfg.balance_categories:
             try:  # a misspelt category in --category-weights fails now, not after the first rollouts
-                balanced_indices([p.get("category") for p in self.prompts], 1, 0, self.cfg.seed, self.cfg.category_weights)
+                balanced_indices(self.categories, 1, 0, self.cfg.seed, self.cfg.category_weights)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
 
@@ -615,7 +616,7 @@ class PPOTrainer(Trainer):
             # 1. rollouts: this process's share of the iteration's prompts (a seeded order
             #    over all prompts, epoch after epoch; the sampling seed depends on the iteration)
             if cfg.balance_categories:
-                idx = balanced_indices([p.get("category") for p in self.prompts], cfg.rollout_batch, it, cfg.seed, cfg.category_weights)
+                idx = balanced_indices(self.categories, cfg.rollout_batch, it, cfg.seed, cfg.category_weights)
             else:
                 _, idx = step_indices(len(self.prompts), cfg.rollout_batch, it, cfg.seed)
             mine = idx[rank::W]
@@ -635,7 +636,7 @@ class PPOTrainer(Trainer):
             score = apply_missing_eos_penalty(normalised, roll.ended, cfg.missing_eos_penalty)
             refused = [rubric.is_refusal(c.text) for c in comps]
             asked = [rubric.asks_question(c.text) for c in comps]
-            categories = [self.prompts[i].get("category") for i in mine]
+            categories = [self.categories[i] for i in mine]
             if cfg.refusal_penalty or cfg.refusal_bonus:
                 score = apply_refusal_rule(score, refused, categories, cfg.refusal_penalty, cfg.refusal_bonus)
             if cfg.question_bonus:
