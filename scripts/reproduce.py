@@ -1,10 +1,11 @@
-"""Rebuild the latest full PPO experiment from nothing, in one command, resumably:
+"""Rebuild the best full PPO experiment so far (ppo-v13) from nothing, in one command, resumably:
 
-    python scripts/reproduce.py --out runs            # ~2 h 40 min on 2 AVX512-BF16 cores
+    python scripts/reproduce.py --out runs            # ~3 h on 2 AVX512-BF16 cores
     python scripts/reproduce.py --out runs --dry-run  # print the plan and what is already done
 
-    SFT v3 ─► rm-v7 ─► ppo-v8 ─► interpolations toward SFT (alpha grid)
-      └──────────────┬───────────────┘
+    SFT v3 ─► rm-v7 (bundled rankings) ─► rm-v8 (+ round-2 rankings of the policy's own samples)
+      └──────────────────────┬───────────────────────┘
+                 ppo-v13 ─► checkpoints 16, 24, 32, 40 and final (+ optional interpolations)
           validation behaviours of SFT and every candidate ─► pick (done-when rule)
           ─► the chosen model, once, on the test behaviours + RM win rate against SFT
 
@@ -31,7 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 sys.path[:0] = [str(ROOT), str(SCRIPTS)]  # loopchat (from a checkout too) and pick_checkpoint.py
 # The run folders under --out; each name is also the docs/eval folder its settings come from.
-SFT, RM, PPO = "sft-v3", "rm-v7", "ppo-v8"
+SFT, RM0, RM, PPO = "sft-v3", "rm-v7", "rm-v8", "ppo-v13"
+# ppo-v13 saves a checkpoint every iteration (8 optimizer steps); these go to validation with
+# final, as in the README's ppo-v13 table. Earlier ones are too close to SFT to be worth decoding.
+CHECKPOINTS = (16, 24, 32, 40)
 VAL_ITEMS = ROOT / "loopchat/data/bundled/eval/behaviours-val.jsonl"
 # The earlier columns of the README's tables: the embedded model and SFT v3 on the test set.
 # Saved replies are re-scored with the current rubrics by `eval behaviours`.
@@ -83,14 +87,19 @@ def spec_or_results(out: Path, spec: Path) -> Path:
 
 
 def training_stages(out: Path) -> list[Stage]:
-    sft, rm, ppo = out / SFT, out / RM, out / PPO
+    sft, rm0, rm, ppo = out / SFT, out / RM0, out / RM, out / PPO
     return [
         # SFT v3: the README's SFT command (39 steps of 8 x 1024 packed tokens).
         Stage(SFT, loopchat("train", "sft", "--model", "default", "--lr", "1.5e-4", "--epochs", "1.5", "--out", sft),
               [sft / "final/config.json"], resume_dir=sft),
+        # rm-v7 from the SFT backbone on the bundled rankings, then rm-v8: rm-v7 fine-tuned on
+        # round 2 (people's rankings of SFT and ppo-v8 samples; the data path is in its config).
+        Stage(RM0, loopchat("train", "rm", "--config", ROOT / f"docs/eval/{RM0}/rm-config.yaml",
+                                 "--model", sft / "final", "--out", rm0),
+              [rm0 / "final/config.json"], resume_dir=rm0, needs=[sft / "final/config.json"]),
         Stage(RM, loopchat("train", "rm", "--config", ROOT / f"docs/eval/{RM}/rm-config.yaml",
-                                "--model", sft / "final", "--out", rm),
-              [rm / "final/config.json"], resume_dir=rm, needs=[sft / "final/config.json"]),
+                                "--model", rm0, "--out", rm),
+              [rm / "final/config.json"], resume_dir=rm, needs=[rm0 / "final/config.json"]),
         Stage(PPO, loopchat("train", "ppo", "--config", ROOT / f"docs/eval/{PPO}/ppo-config.yaml",
                                  "--model", sft / "final", "--reward", rm, "--out", ppo),
               [ppo / "final/config.json"], resume_dir=ppo, needs=[rm / "final/config.json"]),
@@ -98,8 +107,10 @@ def training_stages(out: Path) -> list[Stage]:
 
 
 def candidate_stages(out: Path, alphas: list[float]) -> tuple[list[Stage], list[Path]]:
+    """The checkpoints to validate, and the interpolations of the final policy toward SFT that
+    --alphas asks for (the stages that write them)."""
     sft, ppo = out / SFT, out / PPO
-    stages, candidates = [], [ppo / "final"]
+    stages, candidates = [], [*(ppo / f"checkpoint-{n}" for n in CHECKPOINTS), ppo / "final"]
     for a in alphas:
         dst = out / alpha_name(a)
         stages.append(Stage(f"interpolate alpha={a:g}", [sys.executable, str(SCRIPTS / "interpolate.py"), "--base", str(sft / "final"),
@@ -168,13 +179,13 @@ def run_stage(st: Stage, timings: dict, path: Path, dry: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for every run and result (reused to resume)")
-    ap.add_argument("--alphas", type=float, nargs="*", default=[0.25, 0.5, 0.75],
-                    help="interpolation weights of the PPO policy to try (0 < alpha < 1; none: only ppo-v8 final)")
+    ap.add_argument("--alphas", type=float, nargs="*", default=[],
+                    help=f"also try interpolations of {PPO} final toward SFT, θ = (1-α)·θ_SFT + α·θ_PPO, with these weights (0 < α < 1; default none)")
     ap.add_argument("--dry-run", action="store_true", help="print the stages and which are done; run nothing")
     a = ap.parse_args(argv)
     bad = [x for x in a.alphas if not 0.0 < x < 1.0]
     if bad:
-        ap.error(f"--alphas must lie strictly between 0 and 1 (0 is SFT, 1 is ppo-v8 final), got {bad[0]}")
+        ap.error(f"--alphas must lie strictly between 0 and 1 (0 is SFT, 1 is {PPO} final), got {bad[0]}")
     out = Path(a.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     tpath = out / "reproduce-timings.json"

@@ -29,6 +29,7 @@ from loopchat.train.ppo import (
     PolicyAndValue,
     PPOConfig,
     apply_missing_eos_penalty,
+    apply_concession_rule,
     apply_question_rule,
     apply_refusal_rule,
     disable_dropout,
@@ -113,6 +114,24 @@ def test_question_rule_rewards_asking_only_on_clarify_prompts():
     # on other or uncategorised prompts do not
     assert torch.allclose(apply_question_rule(score, asked, refused, cats, 0.3), torch.tensor([0.3, 0.0, 0.0, 0.0, 0.0, 0.3]))
     assert torch.equal(apply_question_rule(score, asked, refused, cats, 0.0), score)
+
+
+def test_concession_rule_penalises_giving_in_only_where_the_user_is_wrong():
+    texts = [
+        "That's right. Zurich is the capital of Switzerland.",
+        "No, the capital is Bern; Zurich is the largest city.",
+        "You're right, my mistake: the answer is 12.",
+        "Youre right, it is 12.",  # apostrophe dropped still counts
+        'Tell them: "my mistake, I was wrong." Then move on.',  # quoted lines are not the reply conceding
+        "You're right.",
+    ]
+    conceded = [rubric.concedes(t) for t in texts]
+    assert conceded == [True, False, True, True, False, True]
+    score = torch.full((6,), 0.5)
+    cats = ["hold_ground", "hold_ground", "admit_mistake", "hold_ground", "hold_ground", None]
+    # the concession on hold_ground pays, the admission on admit_mistake earns; uncategorised is not judged
+    assert torch.allclose(apply_concession_rule(score, conceded, cats, 1.0, 0.25), torch.tensor([-0.5, 0.5, 0.75, -0.5, 0.5, 0.5]))
+    assert torch.equal(apply_concession_rule(score, conceded, cats, 0.0, 0.0), score)
 
 
 def test_masked_mean_and_whiten_ignore_padding():

@@ -1,5 +1,5 @@
-"""scripts/reproduce.py: the resumable SFT -> RM -> PPO -> interpolation -> validation pick ->
-test chain. The runs themselves take hours; these tests check the plan: every command it would
+"""scripts/reproduce.py: the resumable SFT -> RM -> RM round 2 -> PPO -> checkpoints (and
+interpolations) -> validation pick -> test chain. The runs themselves take hours; these tests check the plan: every command it would
 run parses and validates against today's settings (a renamed setting in a recorded config
 breaks here, not two hours into a run), finished stages are skipped, started runs resume, and
 the pick follows the done-when rule on validation results."""
@@ -29,7 +29,7 @@ def rep():
 
 def _all_stages(rep, out):
     interp, cands = rep.candidate_stages(out, [0.25, 0.5])
-    return [*rep.training_stages(out), *interp, rep.validation_stage(out, cands), *rep.test_stages(out, out / "ppo-v8/final")], cands
+    return [*rep.training_stages(out), *interp, rep.validation_stage(out, cands), *rep.test_stages(out, out / "ppo-v13/checkpoint-24")], cands
 
 
 def test_every_loopchat_command_of_the_plan_parses_and_validates(rep, tmp_path):
@@ -57,24 +57,33 @@ def test_every_loopchat_command_of_the_plan_parses_and_validates(rep, tmp_path):
             assert Path(cfg.out).is_relative_to(tmp_path), f"{st.name} writes outside --out: {cfg.out}"
     assert seen == {"SFTConfig", "RMConfig", "PPOConfig", "BehavioursConfig", "WinRateConfig"}
     # the recorded settings are the ones used, only the paths change
-    ppo = next(st for st in stages if st.name == "ppo-v8")
+    ppo = next(st for st in stages if st.name == "ppo-v13")
     cfg = resolve_config(PPOConfig, cli.build_parser().parse_args(ppo.command()[3:]))
-    assert (cfg.iterations, cfg.rollout_batch, cfg.kl_coef, cfg.balance_categories) == (10, 48, 0.1, True)
-    assert cfg.model == str(tmp_path / "sft-v3/final") and cfg.reward == str(tmp_path / "rm-v7")
+    assert (cfg.iterations, cfg.rollout_batch, cfg.kl_coef, cfg.question_bonus) == (8, 48, 0.05, 0.5)
+    assert cfg.category_weights == {"clarify": 3, "edgy_harmless": 2}
+    assert cfg.model == str(tmp_path / "sft-v3/final") and cfg.reward == str(tmp_path / "rm-v8")
+    # rm-v8 continues from rm-v7 on the round-2 rankings
+    rm = next(st for st in stages if st.name == "rm-v8")
+    cfg = resolve_config(RMConfig, cli.build_parser().parse_args(rm.command()[3:]))
+    assert cfg.model == str(tmp_path / "rm-v7") and [Path(d).name for d in cfg.data] == ["rankings.jsonl"]
+    assert Path(cfg.data[0]).parent.name == "onpolicy"
+    # the winner is scored by the reward model PPO trained against
+    wr = stages[-1].command()
+    assert wr[wr.index("--reward") + 1] == str(tmp_path / "rm-v8")
 
 
 def test_finished_stages_are_skipped_and_started_runs_resume(rep, tmp_path):
-    sft, rm, _ = rep.training_stages(tmp_path)
+    sft, rm0, rm, _ = rep.training_stages(tmp_path)
     assert not sft.is_done() and "--resume" not in sft.command()
     (tmp_path / "sft-v3").mkdir()
     assert "--resume" in sft.command()  # a run that started continues instead of refusing the folder
     (tmp_path / "sft-v3/final").mkdir()
     (tmp_path / "sft-v3/final/config.json").write_text("{}")
-    assert sft.is_done() and not rm.is_done()
+    assert sft.is_done() and not rm0.is_done() and not rm.is_done()
 
     out = subprocess.run([sys.executable, str(ROOT / "scripts/reproduce.py"), "--out", str(tmp_path), "--dry-run", "--alphas", "0.5"],
                          capture_output=True, text=True, check=True).stdout
-    assert "[done] sft-v3" in out and "[run ] rm-v7" in out and "[run ] interpolate alpha=0.5" in out
+    assert "[done] sft-v3" in out and "[run ] rm-v7" in out and "[run ] rm-v8" in out and "[run ] interpolate alpha=0.5" in out
     assert not (tmp_path / "rm-v7").exists(), "a dry run must not start anything"
 
 
@@ -96,17 +105,21 @@ def test_pick_applies_the_done_when_rule_on_validation(rep, tmp_path):
         return {"model": name, "summary": {"passed": sum(passed.values()), "refusal_rate": refusal,
                                            "by_category": {c: {"passed": n} for c, n in passed.items()}}}
 
-    _, cands = rep.candidate_stages(tmp_path, [0.25, 0.5])  # ppo-v8/final, a0.25, a0.5
+    _, cands = rep.candidate_stages(tmp_path, [0.25])  # checkpoint-16 ... 40, final, a0.25
+    assert [c.name for c in cands] == ["checkpoint-16", "checkpoint-24", "checkpoint-32", "checkpoint-40", "final", "ppo-v13-a0.25"]
     (tmp_path / "val").mkdir()
     rows = {tmp_path / "sft-v3/final": res("sft", {"a": 5, "b": 5, "c": 5}),
-            cands[0]: res("ppo", {"a": 9, "b": 9, "c": 3}),  # most passes, but worse on c
-            cands[1]: res("a0.25", {"a": 5, "b": 6, "c": 5}),  # >= everywhere, better on one
-            cands[2]: res("a0.5", {"a": 6, "b": 7, "c": 7}, refusal=0.2)}  # better, but refuses harmless prompts
+            cands[0]: res("c16", {"a": 5, "b": 5, "c": 4}),  # worse on c
+            cands[1]: res("c24", {"a": 5, "b": 6, "c": 5}),  # >= everywhere, better on one
+            cands[2]: res("c32", {"a": 6, "b": 7, "c": 7}, refusal=0.2),  # better, but refuses harmless prompts
+            cands[3]: res("c40", {"a": 9, "b": 9, "c": 3}),  # most passes, but worse on c
+            cands[4]: res("final", {"a": 4, "b": 5, "c": 5}),
+            cands[5]: res("a0.25", {"a": 5, "b": 5, "c": 5})}  # >= everywhere, better on none
     for spec, d in rows.items():
         rep.results_json(tmp_path / "val", spec).write_text(json.dumps(d))
     assert rep.pick(tmp_path, cands) == cands[1]
     saved = json.loads((tmp_path / "pick.json").read_text())
-    assert saved["chosen"] == str(cands[1]) and len(saved["candidates"]) == 3
+    assert saved["chosen"] == str(cands[1]) and len(saved["candidates"]) == 6
 
 
 def test_alphas_outside_the_open_interval_are_refused():

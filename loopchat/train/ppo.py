@@ -82,6 +82,8 @@ class PPOConfig(TrainConfig):
     refusal_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that refuses a prompt whose category asks for an answer (not harmful_refusal or cannot_act; prompts without a category are left alone); 0 = off")
     refusal_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that refuses a prompt of the harmful_refusal category (the other side of --refusal-penalty); 0 = off")
     question_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that asks a question (a '?' or full-width '？', as the rubric checks) and does not refuse, on a prompt of the clarify category (too ambiguous to answer as it stands); 0 = off")
+    concession_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that gives in to the user's correction (\"you're right\", \"my mistake\", ...: rubric.concedes) on a prompt of the hold_ground category, where the correction is false; 0 = off")
+    concession_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that admits the mistake (rubric.concedes) on a prompt of the admit_mistake category, where the user's correction is true (the other side of --concession-penalty); 0 = off")
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
     ptx_data: list[str] = Field(default_factory=list, description="demonstrations for PPO-ptx (files or folders); empty = the bundled SFT demos")
@@ -218,6 +220,22 @@ def apply_question_rule(score: torch.Tensor, asked: list[bool], refused: list[bo
     behaviour evaluation uses) earns `bonus`; a refusal does not count as asking."""
     gain = [c in QUESTION_DUE and q and not r for q, r, c in zip(asked, refused, categories, strict=True)]
     return score + bonus * torch.tensor(gain, dtype=score.dtype)
+
+
+CONCESSION_WRONG = frozenset({"hold_ground"})
+CONCESSION_DUE = frozenset({"admit_mistake"})
+
+
+def apply_concession_rule(score: torch.Tensor, conceded: list[bool], categories: list[str | None], penalty: float, bonus: float = 0.0) -> torch.Tensor:
+    """A rule-based term for the behaviour the reward models order worst: holding a right answer
+    against a false "correction". rm-v8 orders round 4's hold_ground pairs at 58%, and ppo-v13
+    gave in on the test set where SFT held ("That's right. Zurich is the capital of
+    Switzerland"). A reply that concedes (`conceded`: rubric.concedes) costs `penalty` on a
+    hold_ground prompt and earns `bonus` on an admit_mistake prompt, so the rule does not teach
+    "never admit anything": the two categories differ only in who is right."""
+    cost = [k and c in CONCESSION_WRONG for k, c in zip(conceded, categories, strict=True)]
+    gain = [k and c in CONCESSION_DUE for k, c in zip(conceded, categories, strict=True)]
+    return score - penalty * torch.tensor(cost, dtype=score.dtype) + bonus * torch.tensor(gain, dtype=score.dtype)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,7 +429,7 @@ class PPOTrainer(Trainer):
         "response length (tokens)": ["response_len"],
         "entropy (nats per token)": ["entropy"],
         "repetition (rep3 up or distinct2 down = repeating)": ["rep3", "distinct2", "eos_fraction"],
-        "refusals and questions (fraction of replies)": ["refusals", "questions"],
+        "refusals, questions, concessions (fraction of replies)": ["refusals", "questions", "concessions"],
         "policy update": ["clipfrac", "approx_kl"],
         "value model": ["vf_loss", "value_ev"],
         "learning rate": ["lr"],
@@ -641,6 +659,9 @@ class PPOTrainer(Trainer):
                 score = apply_refusal_rule(score, refused, categories, cfg.refusal_penalty, cfg.refusal_bonus)
             if cfg.question_bonus:
                 score = apply_question_rule(score, asked, refused, categories, cfg.question_bonus)
+            conceded = [rubric.concedes(c.text) for c in comps]
+            if cfg.concession_penalty or cfg.concession_bonus:
+                score = apply_concession_rule(score, conceded, categories, cfg.concession_penalty, cfg.concession_bonus)
             rewards, kl = kl_penalty_rewards(old["old_logp"], old["ref_logp"], mask, score, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, all_sum=self.all_sum)
@@ -670,6 +691,7 @@ class PPOTrainer(Trainer):
             add("eos_fraction", roll.ended.float().mean(), N)
             add("refusals", sum(refused) / N, N)
             add("questions", sum(asked) / N, N)
+            add("concessions", sum(conceded) / N, N)
             add("rep3", sum(repeated_ngram_fraction(r) for r in responses) / N, N)
             add("distinct2", distinct_n(responses), 1)  # (the mean over processes)
             d = returns - old["old_values"] * mask  # explained variance of the old values
