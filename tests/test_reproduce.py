@@ -1,8 +1,9 @@
 """scripts/reproduce.py: the resumable SFT -> RM -> RM round 2 -> PPO -> checkpoints (and
-interpolations) -> validation pick -> test chain. The runs themselves take hours; these tests check the plan: every command it would
-run parses and validates against today's settings (a renamed setting in a recorded config
-breaks here, not two hours into a run), finished stages are skipped, started runs resume, and
-the pick follows the done-when rule on validation results."""
+interpolations) -> validation pick -> test chain. The runs themselves take hours; these tests
+check the plan: every command it would run parses and validates against today's settings (a
+renamed setting in a recorded config breaks here, not two hours into a run), finished stages
+are skipped, started runs resume, and the pick follows the done-when rule on validation
+results."""
 
 from __future__ import annotations
 
