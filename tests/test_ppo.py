@@ -30,6 +30,7 @@ from loopchat.train.ppo import (
     PPOConfig,
     apply_missing_eos_penalty,
     apply_concession_rule,
+    apply_length_rule,
     apply_question_rule,
     apply_refusal_rule,
     disable_dropout,
@@ -132,6 +133,19 @@ def test_concession_rule_penalises_giving_in_only_where_the_user_is_wrong():
     # the concession on hold_ground pays, the admission on admit_mistake earns; uncategorised is not judged
     assert torch.allclose(apply_concession_rule(score, conceded, cats, 1.0, 0.25), torch.tensor([-0.5, 0.5, 0.75, -0.5, 0.5, 0.5]))
     assert torch.equal(apply_concession_rule(score, conceded, cats, 0.0, 0.0), score)
+
+
+def test_length_rule_charges_only_tokens_beyond_the_target():
+    score = torch.tensor([1.0, 1.0, 1.0, -0.5])
+    lengths = torch.tensor([10, 48, 60, 96])
+    # 0 and 0 tokens over, then 12 and 48 over at 0.01 per token
+    assert torch.allclose(apply_length_rule(score, lengths, 48, 0.01), torch.tensor([1.0, 1.0, 0.88, -0.98]))
+    assert torch.equal(apply_length_rule(score, lengths, 48, 0.0), score)
+    # the rule is wired into the config and the CLI's flags
+    cfg = PPOConfig(reward="r", length_penalty=0.02, length_target=32)
+    assert (cfg.length_penalty, cfg.length_target) == (0.02, 32)
+    with pytest.raises(Exception, match="length_penalty"):
+        PPOConfig(reward="r", length_penalty=-1)
 
 
 def test_masked_mean_and_whiten_ignore_padding():
