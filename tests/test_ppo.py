@@ -138,8 +138,10 @@ def test_concession_rule_penalises_giving_in_only_where_the_user_is_wrong():
 def test_length_rule_charges_only_tokens_beyond_the_target():
     score = torch.tensor([1.0, 1.0, 1.0, -0.5])
     lengths = torch.tensor([10, 48, 60, 96])
-    # 0 and 0 tokens over, then 12 and 48 over at 0.01 per token
-    assert torch.allclose(apply_length_rule(score, lengths, 48, 0.01), torch.tensor([1.0, 1.0, 0.88, -0.98]))
+    # 0, 0, 12 and 48 tokens over (mean 15) at 0.01 per token, centred: the mean score is kept
+    out = apply_length_rule(score, lengths, 48, 0.01)
+    assert torch.allclose(out, torch.tensor([1.15, 1.15, 1.03, -0.83]))
+    assert out.mean().item() == pytest.approx(score.mean().item())
     assert torch.equal(apply_length_rule(score, lengths, 48, 0.0), score)
     # the rule is wired into the config and the CLI's flags
     cfg = PPOConfig(reward="r", length_penalty=0.02, length_target=32)
@@ -552,6 +554,23 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(learned, words_setup, to
     AutoModelForCausalLM.from_pretrained(learned / "final")
     v = AutoModelForSequenceClassification.from_pretrained(learned / "final" / "value")
     assert v.config.num_labels == 1
+
+
+def test_length_rule_alone_shortens_the_replies(words_setup, one_thread):
+    """The length rule steers the policy, not only the logged score: with a reward that is the
+    same for every reply (and no missing-EOS penalty, which also favours stopping), replies
+    get shorter; without the rule the same run does not shorten them as much."""
+    flat = lambda prompts, replies: [0.0] * len(replies)  # noqa: E731
+
+    def lengths(run: Path) -> tuple[float, float]:
+        recs = records(run)
+        return recs[0]["response_len"], sum(r["response_len"] for r in recs[-2:]) / 2
+
+    kw = dict(iterations=6, missing_eos_penalty=0.0, save_every=0, length_target=2)
+    start, end = lengths(run_ppo(words_cfg(words_setup, "short", length_penalty=0.1, **kw), reward_fn=flat))
+    _, control = lengths(run_ppo(words_cfg(words_setup, "control", **kw), reward_fn=flat))
+    assert end < start - 1.5, (start, end)
+    assert end < control - 1.0, (end, control)
 
 
 def test_resume_after_crash_matches_uninterrupted(learned, words_setup):

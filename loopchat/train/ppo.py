@@ -84,7 +84,7 @@ class PPOConfig(TrainConfig):
     question_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that asks a question (a '?' or full-width '？', as the rubric checks) and does not refuse, on a prompt of the clarify category (too ambiguous to answer as it stands); 0 = off")
     concession_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that gives in to the user's correction (\"you're right\", \"my mistake\", ...: rubric.concedes) on a prompt of the hold_ground category, where the correction is false; 0 = off")
     concession_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that admits the mistake (rubric.concedes) on a prompt of the admit_mistake category, where the user's correction is true (the other side of --concession-penalty); 0 = off")
-    length_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score for every reply token beyond --length-target, on every prompt (a counterweight to a reward model's preference for longer replies); 0 = off")
+    length_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score for every reply token beyond --length-target, on every prompt (a counterweight to a reward model's preference for longer replies), centred over the batch so it shifts no score on average; 0 = off")
     length_target: int = Field(48, ge=0, description="reply length in tokens (EOS included) that --length-penalty starts to charge beyond")
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
@@ -246,9 +246,17 @@ def apply_length_rule(score: torch.Tensor, lengths: torch.Tensor, target: int, p
     (Singhal et al. 2023, "A Long Way to Go"): ppo-v15 against rm-v11 drifted from 68 to 83
     tokens and failed the concise rubric on 19 of 24 simple questions. Every reply token
     beyond `target` costs `penalty`, so a reply keeps its length only where the reward
-    model pays more for it than the rule takes."""
+    model pays more for it than the rule takes.
+
+    The charge is centred over the batch (its mean is added back), so the rule moves no
+    reply's score on average, only longer replies against shorter ones. An uncentred charge
+    lowers every return, and while the value model has not caught up with that, the tokens
+    just before the end, EOS most of all, get the most negative advantages: the policy learns
+    not to stop. ppo-v17 (0.03 per token beyond 32, uncentred) lengthened its replies from 68
+    to 85 tokens; on the tiny test model a constant reward of -2 alone lengthened replies from
+    6 to 8-10 tokens where a constant 0 left them at 6."""
     over = (lengths.to(score.dtype) - target).clamp(min=0)
-    return score - penalty * over
+    return score - penalty * (over - over.mean())
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
