@@ -385,6 +385,10 @@ def test_policy_and_value_forward_with_ptx(tiny, tiny_dir):
         assert logits.shape[:2] == values.shape == (1, 2)
         assert ptx_n == want_n > 0 and torch.allclose(ptx_sum, want_sum)
         assert pv(roll.select([0]))[2] is None
+        # --value-offset: the same value head, shifted by the value model's stored offset
+        value.config.update({rm.OFFSET_KEY: 0.75})
+        shifted = PolicyAndValue(model, value, rm.reward_offset(value))(roll.select([0]))[1]
+        assert torch.allclose(shifted, values - 0.75)
 
 
 # ----------------------------------------------------------------------------- prompts and config

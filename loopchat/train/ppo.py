@@ -86,6 +86,7 @@ class PPOConfig(TrainConfig):
     concession_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that admits the mistake (rubric.concedes) on a prompt of the admit_mistake category, where the user's correction is true (the other side of --concession-penalty); 0 = off")
     length_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score for every reply token beyond --length-target, on every prompt (a counterweight to a reward model's preference for longer replies), centred over the batch so it shifts no score on average; 0 = off")
     length_target: int = Field(48, ge=0, description="reply length in tokens (EOS included) that --length-penalty starts to charge beyond")
+    value_offset: bool = Field(False, description="subtract the value model's stored normalisation offset (the reward model's, which it is copied from) from its outputs, so values start on the same scale as the returns (raw score minus that offset); off reproduces the runs recorded in the README, whose length drift followed the gap between the two at the first iteration")
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
     ptx_data: list[str] = Field(default_factory=list, description="demonstrations for PPO-ptx (files or folders); empty = the bundled SFT demos")
@@ -400,10 +401,11 @@ def response_logits(model, b: dict) -> torch.Tensor:
     return out.logits[:, :-1]
 
 
-def response_values(value_model, b: dict) -> torch.Tensor:
-    """The value head read at the same columns as the logits: V(state before response token j)."""
+def response_values(value_model, b: dict, offset: float = 0.0) -> torch.Tensor:
+    """The value head read at the same columns as the logits: V(state before response token j),
+    minus `offset` (--value-offset: the value model's own normalisation offset)."""
     r = b["n_resp"]
-    return rm.token_scores(value_model, b["input_ids"], b["attention_mask"], b["position_ids"])[:, -(r + 1) : -1]
+    return rm.token_scores(value_model, b["input_ids"], b["attention_mask"], b["position_ids"])[:, -(r + 1) : -1] - offset
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -411,13 +413,13 @@ class PolicyAndValue(torch.nn.Module):
     saves them together. One forward computes everything a micro-step's loss needs (DDP wants
     one forward per backward, touching every trained parameter)."""
 
-    def __init__(self, policy, value):
+    def __init__(self, policy, value, value_offset: float = 0.0):
         super().__init__()
-        self.policy, self.value = policy, value
+        self.policy, self.value, self.value_offset = policy, value, value_offset
 
     def forward(self, b: dict, ptx: dict | None = None):
         logits = response_logits(self.policy, b)
-        values = response_values(self.value, b)
+        values = response_values(self.value, b, self.value_offset)
         ptx_sum = ptx_n = None
         if ptx is not None:
             ptx_sum, ptx_n, _ = sft_loss(self.policy, ptx)
@@ -465,7 +467,10 @@ class PPOTrainer(Trainer):
             value.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         disable_dropout(self.model)
         disable_dropout(value)
-        self.model = PolicyAndValue(self.model, value)
+        # --value-offset: the value model is a copy of the reward model, so it predicts raw
+        # scores, while the returns are scores minus the reward's offset (plus the rule terms).
+        # Shifted by its own stored offset it predicts on the returns' scale from the start.
+        self.model = PolicyAndValue(self.model, value, rm.reward_offset(value) if cfg.value_offset else 0.0)
         dev = self.accelerator.device
         self.ref = ref.to(dev) if ref is not None else None  # None with LoRA: the policy with its adapter off
         self.reward_model = reward_model.to(dev) if reward_model is not None else None
@@ -550,7 +555,7 @@ class PPOTrainer(Trainer):
             rows, r = b["rows"].cpu(), b["n_resp"]
             with self.autocast():
                 logits = response_logits(pv.policy, b)
-                out["old_values"][rows, :r] = response_values(pv.value, b).float().cpu()
+                out["old_values"][rows, :r] = response_values(pv.value, b, pv.value_offset).float().cpu()
                 if self.ref is not None:
                     ref_logits = response_logits(self.ref, b)
                 else:
