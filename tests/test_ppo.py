@@ -143,7 +143,7 @@ def test_length_rule_charges_only_tokens_beyond_the_target():
     assert torch.allclose(out, torch.tensor([1.15, 1.15, 1.03, -0.83]))
     assert out.mean().item() == pytest.approx(score.mean().item())
     assert torch.equal(apply_length_rule(score, lengths, 48, 0.0), score)
-    # the rule is wired into the config and the CLI's flags
+    # the rule's settings live in the config, which rejects a negative penalty
     cfg = PPOConfig(reward="r", length_penalty=0.02, length_target=32)
     assert (cfg.length_penalty, cfg.length_target) == (0.02, 32)
     with pytest.raises(Exception, match="length_penalty"):

@@ -244,10 +244,10 @@ def apply_concession_rule(score: torch.Tensor, conceded: list[bool], categories:
 def apply_length_rule(score: torch.Tensor, lengths: torch.Tensor, target: int, penalty: float) -> torch.Tensor:
     """A rule-based counterweight to length bias, on every prompt alike (it does not look at
     the category). Reward models trained on human rankings tend to prefer longer replies
-    (Singhal et al. 2023, "A Long Way to Go"): ppo-v15 against rm-v11 drifted from 68 to 83
-    tokens and failed the concise rubric on 19 of 24 simple questions. Every reply token
-    beyond `target` costs `penalty`, so a reply keeps its length only where the reward
-    model pays more for it than the rule takes.
+    (Singhal et al. 2023, "A Long Way to Go"). Every reply token beyond `target` costs
+    `penalty`, so a reply keeps its length only where the reward model pays more for it than
+    the rule takes. (ppo-v15's drift from 68 to 83 tokens, which motivated the rule, turned out
+    to come mostly from the value model's offset: --value-offset, README ppo-v17.)
 
     The charge is centred over the batch (its mean is added back), so the rule moves no
     reply's score on average, only longer replies against shorter ones. An uncentred charge
@@ -689,7 +689,7 @@ class PPOTrainer(Trainer):
             if cfg.concession_penalty or cfg.concession_bonus:
                 score = apply_concession_rule(score, conceded, categories, cfg.concession_penalty, cfg.concession_bonus)
             if cfg.length_penalty:
-                score = apply_length_rule(score, roll.response_mask.sum(1), cfg.length_target, cfg.length_penalty)
+                score = apply_length_rule(score, mask.sum(1), cfg.length_target, cfg.length_penalty)
             rewards, kl = kl_penalty_rewards(old["old_logp"], old["ref_logp"], mask, score, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, all_sum=self.all_sum)
