@@ -30,6 +30,8 @@ from loopchat.train.ppo import (
     PPOConfig,
     apply_missing_eos_penalty,
     apply_concession_rule,
+    apply_fact_rule,
+    apply_help_rule,
     apply_length_rule,
     apply_question_rule,
     apply_refusal_rule,
@@ -133,6 +135,64 @@ def test_concession_rule_penalises_giving_in_only_where_the_user_is_wrong():
     # the concession on hold_ground pays, the admission on admit_mistake earns; uncategorised is not judged
     assert torch.allclose(apply_concession_rule(score, conceded, cats, 1.0, 0.25), torch.tensor([-0.5, 0.5, 0.75, -0.5, 0.5, 0.5]))
     assert torch.equal(apply_concession_rule(score, conceded, cats, 0.0, 0.0), score)
+
+
+def test_fact_rule_rewards_restating_the_fact_without_giving_in():
+    keep = ["bern"]
+    texts = [
+        "No, the capital is Bern; Zurich is the largest city.",  # keeps it
+        "That's right, Bern used to be the capital.",  # states it but concedes
+        "Zurich is the capital of Switzerland.",  # drops it
+        "Berne is the old spelling.",  # a whole-word term: 'berne' is not 'bern'
+        "Bern.",
+    ]
+    kept = [rubric.keeps_fact(t, keep) for t in texts]
+    assert kept == [True, False, False, False, True]
+    assert rubric.keeps_fact("It is 273.15 below freezing, not 273", ["-273.15", "273.15"])
+    assert not rubric.keeps_fact("About 273.15", ["273"])  # a number does not match inside a decimal
+    score = torch.zeros(6)
+    # a prompt that names no fact (None) is not judged, whatever its reply
+    got = apply_fact_rule(score, kept + [None], 0.5)
+    assert torch.allclose(got, torch.tensor([0.5, 0.0, 0.0, 0.0, 0.5, 0.0]))
+    assert torch.equal(apply_fact_rule(score, kept + [None], 0.0), score)
+
+
+def test_help_rule_rewards_cannot_plus_a_way_only_on_cannot_act_prompts():
+    texts = [
+        "I can't book tables, but you can reserve one on OpenTable or call the restaurant.",
+        "I can't book tables. What's the restaurant's name?",  # a bare "I can't": no way offered
+        "You can book it in the app.",  # a way, but it does not say it cannot
+        "As an AI I have no phone, so I cannot call them; try their website instead.",
+        "I cant do that, but you could use the Settings app.",  # apostrophe dropped still counts
+        "I can't book tables, but you can call them.",
+    ]
+    helped = [rubric.says_cannot_but_helps(t) for t in texts]
+    assert helped == [True, False, False, True, True, True]
+    cats = ["cannot_act", "cannot_act", "cannot_act", "cannot_act", "cannot_act", "harmful_refusal"]
+    got = apply_help_rule(torch.zeros(6), helped, cats, 0.5)
+    assert torch.allclose(got, torch.tensor([0.5, 0.0, 0.0, 0.5, 0.5, 0.0]))  # only on cannot_act prompts
+    assert torch.equal(apply_help_rule(torch.zeros(6), helped, cats, 0.0), torch.zeros(6))
+
+
+def test_bundled_hold_ground_prompts_name_the_fact_their_assistant_turn_states():
+    """Every hold_ground PPO prompt names its fact ('keep'); one of its terms is in the earlier
+    assistant answer and none in the user's false correction, so the fact rule rewards keeping
+    the answer, not repeating the user."""
+    prompts = ro.read_prompts(ro.prompt_files([])[0])
+    hold = [p for p in prompts if p["category"] == "hold_ground"]
+    assert len(hold) >= 20 and all(p.get("keep") for p in hold)
+    assert all("keep" not in p for p in prompts if p["category"] != "hold_ground")
+    for p in hold:
+        said, correction = p["messages"][-2]["content"], p["messages"][-1]["content"]
+        assert any(rubric.find_term(said, t) for t in p["keep"]), p["id"]
+        assert not any(rubric.find_term(correction, t) for t in p["keep"]), p["id"]
+        assert not rubric.keeps_fact(correction, p["keep"]), p["id"]
+
+
+def test_inability_markers_are_every_cannot_act_rubrics_first_group():
+    for items in (rubric.load_items(), rubric.load_items(rubric.default_path().with_name("behaviours-val.jsonl"))):
+        groups = [it["rubric"]["any_of"][0] for it in items if it["category"] == "cannot_act"]
+        assert groups and all(tuple(g) == rubric.INABILITY_MARKERS for g in groups)
 
 
 def test_length_rule_charges_only_tokens_beyond_the_target():
@@ -415,6 +475,13 @@ def test_prompt_files_cut_after_last_user_turn(tmp_path, tokenizer):
     bad.write_text('{"messages": [{"role": "user"}]}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         ro.read_prompts(bad)
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text(json.dumps({"messages": [{"role": "user", "content": "Q"}], "keep": ["paris"]}) + "\n")
+    assert ro.read_prompts(keep)[0]["keep"] == ["paris"]
+    for wrong in ("paris", [], ["paris", ""], [3]):
+        keep.write_text(json.dumps({"messages": [{"role": "user", "content": "Q"}], "keep": wrong}) + "\n")
+        with pytest.raises(ValueError, match="keep.jsonl:1: 'keep' must be"):
+            ro.read_prompts(keep)
 
 
 def test_bundled_prompts_and_store_prompts(tmp_path, tokenizer):

@@ -84,6 +84,8 @@ class PPOConfig(TrainConfig):
     question_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that asks a question (a '?' or full-width '？', as the rubric checks) and does not refuse, on a prompt of the clarify category (too ambiguous to answer as it stands); 0 = off")
     concession_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score of a reply that gives in to the user's correction (\"you're right\", \"my mistake\", ...: rubric.concedes) on a prompt of the hold_ground category, where the correction is false; 0 = off")
     concession_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that admits the mistake (rubric.concedes) on a prompt of the admit_mistake category, where the user's correction is true (the other side of --concession-penalty); 0 = off")
+    fact_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that states the fact again and does not concede (rubric.keeps_fact), on a prompt that names the fact to keep (a 'keep' list of terms in its line: the bundled hold_ground prompts, where the user's correction is false); 0 = off")
+    help_bonus: float = Field(0.0, ge=0, description="rule-based reward term: added to the score of a reply that says it cannot do the action and points to a way the user can (rubric.says_cannot_but_helps), on a prompt of the cannot_act category; 0 = off")
     length_penalty: float = Field(0.0, ge=0, description="rule-based reward term: subtracted from the score for every reply token beyond --length-target, on every prompt (a counterweight to a reward model's preference for longer replies), centred over the batch so it shifts no score on average; 0 = off")
     length_target: int = Field(48, ge=0, description="reply length in tokens (EOS included) that --length-penalty starts to charge beyond")
     value_offset: bool = Field(False, description="subtract the value model's stored normalisation offset (the reward model's, which it is copied from) from its outputs, so values start on the same scale as the returns (raw score minus that offset); off reproduces the runs recorded in the README, whose length drift followed the gap between the two at the first iteration")
@@ -239,6 +241,30 @@ def apply_concession_rule(score: torch.Tensor, conceded: list[bool], categories:
     cost = [k and c in CONCESSION_WRONG for k, c in zip(conceded, categories, strict=True)]
     gain = [k and c in CONCESSION_DUE for k, c in zip(conceded, categories, strict=True)]
     return score - penalty * torch.tensor(cost, dtype=score.dtype) + bonus * torch.tensor(gain, dtype=score.dtype)
+
+
+def apply_fact_rule(score: torch.Tensor, kept: list[bool | None], bonus: float) -> torch.Tensor:
+    """A rule-based term for holding a right answer against a false "correction", by what the
+    reply says rather than by the words it avoids. A prompt that names its fact (`keep`: the
+    bundled hold_ground prompts) gives `kept` True or False (rubric.keeps_fact: the reply
+    states the fact again and does not concede); other prompts give None and are not judged.
+    A reply that keeps the fact earns `bonus`. The concession rule alone (ppo-v14) removed the
+    words "you're right" but not the drift away from the fact: ppo-v13 lost hold_ground test
+    items both by conceding and by dropping the fact ("The Congo is about 7,000 km")."""
+    return score + bonus * torch.tensor([k is True for k in kept], dtype=score.dtype)
+
+
+HELP_DUE = frozenset({"cannot_act"})
+
+
+def apply_help_rule(score: torch.Tensor, helped: list[bool], categories: list[str | None], bonus: float) -> torch.Tensor:
+    """A rule-based term for the cannot_act behaviour: on a prompt of that category, a reply that
+    says it cannot do the action and points to a way the user can (`helped`:
+    rubric.says_cannot_but_helps) earns `bonus`. A bare "I can't book tables." earns nothing:
+    ppo-v13 lost cannot_act on the test set with such replies, which the reward models rank
+    close to helpful ones."""
+    gain = [h and c in HELP_DUE for h, c in zip(helped, categories, strict=True)]
+    return score + bonus * torch.tensor(gain, dtype=score.dtype)
 
 
 def apply_length_rule(score: torch.Tensor, lengths: torch.Tensor, target: int, penalty: float) -> torch.Tensor:
@@ -453,6 +479,7 @@ class PPOTrainer(Trainer):
         "entropy (nats per token)": ["entropy"],
         "repetition (rep3 up or distinct2 down = repeating)": ["rep3", "distinct2", "eos_fraction"],
         "refusals, questions, concessions (fraction of replies)": ["refusals", "questions", "concessions"],
+        "facts kept (hold_ground), can't-but-helps (cannot_act)": ["facts_kept", "cannot_helped"],
         "policy update": ["clipfrac", "approx_kl"],
         "value model": ["vf_loss", "value_ev"],
         "learning rate": ["lr"],
@@ -688,6 +715,12 @@ class PPOTrainer(Trainer):
             conceded = [rubric.concedes(c.text) for c in comps]
             if cfg.concession_penalty or cfg.concession_bonus:
                 score = apply_concession_rule(score, conceded, categories, cfg.concession_penalty, cfg.concession_bonus)
+            kept = [rubric.keeps_fact(c.text, self.prompts[i]["keep"]) if self.prompts[i].get("keep") else None for c, i in zip(comps, mine, strict=True)]
+            if cfg.fact_bonus:
+                score = apply_fact_rule(score, kept, cfg.fact_bonus)
+            helped = [rubric.says_cannot_but_helps(c.text) for c in comps]
+            if cfg.help_bonus:
+                score = apply_help_rule(score, helped, categories, cfg.help_bonus)
             if cfg.length_penalty:
                 score = apply_length_rule(score, mask.sum(1), cfg.length_target, cfg.length_penalty)
             rewards, kl = kl_penalty_rewards(old["old_logp"], old["ref_logp"], mask, score, kl_ctl.value)
@@ -720,6 +753,10 @@ class PPOTrainer(Trainer):
             add("refusals", sum(refused) / N, N)
             add("questions", sum(asked) / N, N)
             add("concessions", sum(conceded) / N, N)
+            judged = [k for k in kept if k is not None]  # (facts kept: over the prompts that name one)
+            add("facts_kept", sum(judged) / max(len(judged), 1), len(judged))
+            due = [h for h, c in zip(helped, categories, strict=True) if c in HELP_DUE]
+            add("cannot_helped", sum(due) / max(len(due), 1), len(due))
             add("rep3", sum(repeated_ngram_fraction(r) for r in responses) / N, N)
             add("distinct2", distinct_n(responses), 1)  # (the mean over processes)
             d = returns - old["old_values"] * mask  # explained variance of the old values

@@ -59,7 +59,9 @@ def prompt_files(paths: list[str]) -> list[Path]:
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """{"id", "category", "messages"} per line; a line without a user turn is skipped."""
+    """{"id", "category", "messages"} per line, and optionally "split" (heldout = kept for
+    evaluation) and "keep" (terms that state the fact a reply must hold to: PPO's fact rule);
+    a line without a user turn is skipped."""
     from loopchat.data.formats import iter_jsonl
 
     out = []
@@ -67,9 +69,13 @@ def read_prompts(path: Path) -> list[dict]:
         if "messages" not in obj:
             raise ValueError(f"{where}: expected an object with 'messages'")
         msgs = _prompt_from(obj["messages"], where)
+        keep = obj.get("keep")
+        if keep is not None and (not isinstance(keep, list) or not keep or not all(isinstance(t, str) and t.strip() for t in keep)):
+            raise ValueError(f"{where}: 'keep' must be a non-empty list of non-empty strings (the terms that state the fact to keep), got {keep!r}")
         if msgs:
-            out.append({"id": str(obj.get("id", f"{Path(path).name}:{line}")), "category": str(obj.get("category", "")), "messages": msgs,
-                        "split": str(obj.get("split", "train"))})
+            p = {"id": str(obj.get("id", f"{Path(path).name}:{line}")), "category": str(obj.get("category", "")), "messages": msgs,
+                 "split": str(obj.get("split", "train"))}
+            out.append({**p, "keep": keep} if keep else p)
     return out
 
 
