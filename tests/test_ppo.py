@@ -804,7 +804,13 @@ def test_category_weights_give_a_category_n_shares_and_keep_the_unweighted_order
         balanced_indices(cats, 10, 0, seed=3, weights={"clarfy": 2})
     cfg = PPOConfig(model="m", reward="r", balance_categories=True, category_weights="clarify=3, edgy_harmless=2")
     assert cfg.category_weights == {"clarify": 3, "edgy_harmless": 2}
-    for bad in ["clarify", "clarify=two", "clarify=0"]:
+    # weight 0 leaves a category out: the others share the slots as before among themselves
+    got = Counter(cats[i] for it in range(4) for i in balanced_indices(cats, 10, it, seed=3, weights={"a": 0, "c": 3}))
+    assert got == {"b": 10, "c": 30}
+    with pytest.raises(ValueError, match="leave out every category"):
+        balanced_indices(cats, 10, 0, seed=3, weights={"a": 0, "b": 0, "c": 0})
+    assert PPOConfig(model="m", reward="r", balance_categories=True, category_weights="helpful=0").category_weights == {"helpful": 0}
+    for bad in ["clarify", "clarify=two", "clarify=-1", {"clarify": -1}]:
         with pytest.raises(ValueError, match="category_weights"):
             PPOConfig(model="m", reward="r", balance_categories=True, category_weights=bad)
     with pytest.raises(ValueError, match="balance_categories"):

@@ -64,7 +64,7 @@ class PPOConfig(TrainConfig):
     iterations: int = Field(50, ge=1, description="rollout + optimisation rounds")
     rollout_batch: int = Field(32, ge=1, description="prompts sampled per iteration over all processes (one reply each)")
     balance_categories: bool = Field(False, description="sample every prompt category equally often (round-robin over categories, each cycling through its own prompts) instead of in proportion to its size; prompts without a category form one category")
-    category_weights: dict[str, int] = Field(default_factory=dict, description="with --balance-categories: give these categories N shares of the rollouts instead of 1, as 'clarify=3,edgy_harmless=2' (a mapping in YAML); the bundled prompts' categories are those of the behaviour evaluation")
+    category_weights: dict[str, int] = Field(default_factory=dict, description="with --balance-categories: give these categories N shares of the rollouts instead of 1, as 'clarify=3,edgy_harmless=2' (a mapping in YAML); 0 leaves a category out (a run aimed at a few behaviours); the bundled prompts' categories are those of the behaviour evaluation")
     ppo_epochs: int = Field(2, ge=1, description="optimisation passes over each iteration's rollouts")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs are computed at the same temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off; PPO's log-probs are of the full distribution)")
@@ -120,9 +120,9 @@ class PPOConfig(TrainConfig):
     def _check(self):
         if self.category_weights and not self.balance_categories:
             raise ValueError("category_weights needs balance_categories (it weights the balanced round-robin)")
-        bad = {k: w for k, w in self.category_weights.items() if w < 1}
+        bad = {k: w for k, w in self.category_weights.items() if w < 0}
         if bad:
-            raise ValueError(f"category_weights must be at least 1, got {bad}")
+            raise ValueError(f"category_weights must be 0 (left out) or more, got {bad}")
         if self.data:
             raise ValueError("PPO takes its prompts from --prompts (and PPO-ptx demonstrations from --ptx-data), not --data")
         if self.rollout_batch % self.batch_size:
@@ -343,7 +343,9 @@ def balanced_indices(categories: list[str | None], batch_size: int, it: int, see
         raise ValueError(f"category_weights names categories the prompts do not have: {unknown}; they have {sorted(by_cat)}")
     names = sorted(by_cat)
     names = [names[k] for k in epoch_order(len(names), 0, seed)]
-    cycle = [n for n in names for _ in range(weights.get(n, 1))]
+    cycle = [n for n in names for _ in range(weights.get(n, 1))]  # (weight 0: left out)
+    if not cycle:
+        raise ValueError(f"category_weights leave out every category the prompts have: {sorted(by_cat)}")
     L, out = len(cycle), []
     for j in range(batch_size):
         g = it * batch_size + j
