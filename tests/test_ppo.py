@@ -35,6 +35,7 @@ from loopchat.train.ppo import (
     apply_length_rule,
     apply_question_rule,
     apply_refusal_rule,
+    _load_ptx,
     disable_dropout,
     distinct_n,
     entropy_from_logits,
@@ -510,6 +511,21 @@ def test_config_checks():
         PPOConfig(data=["x.jsonl"])
     with pytest.raises(ConfigError, match="reward model"):
         run_ppo(PPOConfig())
+
+
+def test_ptx_categories_pick_bundled_demos(tokenizer):
+    """--ptx-categories anchors chosen behaviours: PPO-ptx rows hold exactly the bundled
+    demonstrations of those categories, counted here from the files themselves."""
+    files = sorted((REPO / "loopchat/data/bundled/demos").glob("*.jsonl"))
+    recs = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    want = sum(r.get("category") in ("hold_ground", "cannot_act") for r in recs)
+    assert want >= 40
+    lines: list[str] = []
+    rows = _load_ptx(tokenizer, PPOConfig(reward="r", ptx_coef=0.2, ptx_categories=["hold_ground", "cannot_act"], max_seq_len=1024), lines.append)
+    assert sum(len(r) for r in rows) == want
+    assert any("[ppo-ptx]" in x and f"{len(recs) - want} records outside categories hold_ground, cannot_act" in x for x in lines)
+    with pytest.raises(ValueError, match="no record of category 'hold-ground'"):
+        _load_ptx(tokenizer, PPOConfig(reward="r", ptx_coef=0.2, ptx_categories=["hold-ground"]), lines.append)
 
 
 # ----------------------------------------------------------------------------- short runs

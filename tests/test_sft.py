@@ -202,6 +202,24 @@ def test_bad_inputs(tmp_path, tokenizer):
         prepare_data(tokenizer, SFTConfig(data=[str(write_jsonl(tmp_path / "l.jsonl", [long]))], max_seq_len=64), log=lambda *a: None)
 
 
+def test_category_filter(tmp_path, tokenizer):
+    """--categories learns only from records of those categories (PPO-ptx uses it to anchor the
+    behaviours a reward model judges worst); a category no record has is an error naming it."""
+    rows = [{"messages": m, "category": c} for m, c in zip(conversations(5), ["hold_ground", "helpful", "cannot_act", "helpful", None])]
+    f = tmp_path / "cats.jsonl"
+    f.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
+    lines: list[str] = []
+    train, _, s = prepare_data(tokenizer, SFTConfig(data=[str(f)], categories=["hold_ground", "cannot_act"], max_seq_len=128, eval_fraction=0, pack=False), log=lines.append)
+    assert s["used"] == 2 and s["not_selected"] == 3 and s["skipped"] == {}
+    assert "3 records outside categories hold_ground, cannot_act" in lines[0]
+    want = {tuple(tokenize_conversation(tokenizer, rows[i]["messages"], 128)[0]) for i in (0, 2)}
+    assert {tuple(r[0].input_ids) for r in train} == want
+    _, _, every = prepare_data(tokenizer, SFTConfig(data=[str(f)], max_seq_len=128, eval_fraction=0), log=lambda *a: None)
+    assert every["used"] == 5 and every["not_selected"] == 0
+    with pytest.raises(ValueError, match=r"no record of category 'clarfy'.*categories there: cannot_act, helpful, hold_ground"):
+        prepare_data(tokenizer, SFTConfig(data=[str(f)], categories=["clarfy", "helpful"]), log=lambda *a: None)
+
+
 def test_config_fields_documented():
     missing = [k for k, f in SFTConfig.model_fields.items() if not f.description]
     assert not missing

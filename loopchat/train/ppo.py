@@ -92,6 +92,7 @@ class PPOConfig(TrainConfig):
     whiten_rewards: bool = Field(False, description="scale the per-token rewards to unit variance before GAE")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of the SFT loss on demonstrations mixed into every step (0 = off)")
     ptx_data: list[str] = Field(default_factory=list, description="demonstrations for PPO-ptx (files or folders); empty = the bundled SFT demos")
+    ptx_categories: list[str] = Field(default_factory=list, description="PPO-ptx: use only demonstrations of these categories (e.g. the behaviours the reward model judges worst, to anchor them to SFT); empty = all")
     ptx_batch: int = Field(2, ge=1, description="PPO-ptx: packed rows of max-seq-len tokens per optimizer step over all processes")
     samples_to_log: int = Field(3, ge=0, description="replies per iteration written to samples.jsonl")
     # TrainConfig fields whose meaning or default differs for PPO
@@ -814,7 +815,7 @@ def _truncate_samples(path: Path, start_it: int) -> None:
 
 
 def _load_ptx(tok, cfg: PPOConfig, log) -> list:
-    scfg = SFTConfig(model=cfg.model, data=cfg.ptx_data, max_seq_len=cfg.max_seq_len, eval_fraction=0.0, seed=cfg.seed, pack=True)
+    scfg = SFTConfig(model=cfg.model, data=cfg.ptx_data, categories=cfg.ptx_categories, max_seq_len=cfg.max_seq_len, eval_fraction=0.0, seed=cfg.seed, pack=True)
     rows, _, _ = prepare_data(tok, scfg, lambda msg: log(msg.replace("[sft]", "[ppo-ptx]")))
     return rows
 

@@ -36,6 +36,7 @@ BUNDLED_DEMOS = Path(__file__).resolve().parent.parent / "data" / "bundled" / "d
 
 class SFTConfig(TrainConfig):
     pack: bool = Field(True, description="pack several conversations into each row of max-seq-len tokens (no compute spent on padding); off = one conversation per row, padded")
+    categories: list[str] = Field(default_factory=list, description="learn only from records whose 'category' (an extra key of the line, as in the bundled demos) is one of these; empty = all records")
 
 
 class ChatTemplateError(ValueError):
@@ -143,6 +144,8 @@ class DataSummary:
     skip_examples: dict = field(default_factory=dict)
     tokens: int = 0
     assistant_tokens: int = 0
+    not_selected: int = 0  # records left out by a category filter (not an error, so not in `skipped`)
+    categories: Counter = field(default_factory=Counter)  # records per category, before the filter
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -152,8 +155,9 @@ class DataSummary:
         return "; ".join(f"{n} {r} (e.g. {', '.join(self.skip_examples.get(r, []))})" for r, n in self.skipped.most_common())
 
 
-def load_examples(tok, files: list[Path], max_seq_len: int) -> tuple[list[Example], DataSummary]:
-    """Read, render and label every conversation; count what is skipped and why."""
+def load_examples(tok, files: list[Path], max_seq_len: int, categories: list[str] | None = None) -> tuple[list[Example], DataSummary]:
+    """Read, render and label every conversation; count what is skipped and why. With
+    `categories`, only records whose meta category is one of them are used."""
     s = DataSummary(files=[str(f) for f in files])
     out: list[Example] = []
     for f in files:
@@ -161,6 +165,11 @@ def load_examples(tok, files: list[Path], max_seq_len: int) -> tuple[list[Exampl
             group = s.records
             s.records += 1
             where = f"{f.name} record {r_i + 1}"
+            cat = rec.meta.get("category")
+            s.categories[cat if isinstance(cat, str) else None] += 1
+            if categories and cat not in categories:
+                s.not_selected += 1
+                continue
             paths = list(sft_messages(rec))
             if not paths:
                 s.skip("no assistant reply", where)
@@ -270,7 +279,11 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
 def prepare_data(tok, cfg: SFTConfig, log=print) -> tuple[list, list, dict]:
     """(train rows, eval rows, summary dict). Raises if nothing is left to learn from."""
     files = data_files(cfg.data)
-    examples, s = load_examples(tok, files, cfg.max_seq_len)
+    examples, s = load_examples(tok, files, cfg.max_seq_len, cfg.categories)
+    missing = [c for c in cfg.categories if not s.categories.get(c)]
+    if missing:
+        have = ", ".join(sorted(c for c in s.categories if c)) or "none (no record has a 'category' key)"
+        raise ValueError(f"SFT: no record of categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} in {', '.join(map(str, files))}; categories there: {have}")
     if not examples:
         why = s.describe_skips() or "the files hold no conversations"
         hint = " (raise --max-seq-len)" if "longer than max_seq_len" in s.skipped else ""
@@ -285,6 +298,7 @@ def prepare_data(tok, cfg: SFTConfig, log=print) -> tuple[list, list, dict]:
     train_tokens = sum(len(e.input_ids) for e in train_ex)
     summary = {
         "files": s.files, "records": s.records, "conversations": s.conversations, "used": s.used,
+        "categories": list(cfg.categories), "not_selected": s.not_selected,
         "skipped": dict(s.skipped), "skip_examples": s.skip_examples,
         "train_conversations": len(train_ex), "eval_conversations": len(eval_ex),
         "tokens": s.tokens, "assistant_tokens": s.assistant_tokens,
@@ -299,6 +313,7 @@ def prepare_data(tok, cfg: SFTConfig, log=print) -> tuple[list, list, dict]:
     log(
         f"[sft] {s.records} records from {len(files)} file(s) -> {s.conversations} conversations: "
         f"{s.used} used ({len(train_ex)} train / {len(eval_ex)} eval), {skipped} skipped"
+        + (f", {s.not_selected} records outside categories {', '.join(cfg.categories)}" if cfg.categories else "")
         + (f" [{s.describe_skips()}]" if skipped else "")
     )
     log(
